@@ -1,0 +1,59 @@
+"""Forward-only top-R retrieval from the detached KV pool (SEMANTICS §4).
+
+Shape legend: B batch, C retrieval rows (one per segment boundary), T pool tokens,
+G retrieval KV groups, D head dim, R retrieved tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def select_top_r(scores_BGCT: torch.Tensor, valid_len_C: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices [B, G, C, min(r, T)] of the top-``r`` scores per row, in ascending token order.
+
+    Row c may only pick tokens t < valid_len_C[c]. Ties are broken by the earlier position.
+    When a row has fewer than r valid tokens, all of them are picked and come first; the
+    remaining slots hold masked positions and must be ignored by the caller.
+    """
+    t = scores_BGCT.shape[-1]
+    rk = min(r, t)
+    pos_T = torch.arange(t, device=scores_BGCT.device)
+    valid = pos_T < valid_len_C.to(scores_BGCT.device)[:, None]
+    masked = scores_BGCT.float().masked_fill(~valid, float("-inf"))
+    threshold = masked.topk(rk, dim=-1, sorted=True).values[..., -1:]
+    above = masked > threshold
+    at = masked == threshold
+    need = rk - above.sum(-1, keepdim=True)
+    chosen = above | (at & (at.cumsum(-1) <= need))
+    # Each row has exactly rk chosen positions; list them in ascending order.
+    key = torch.where(chosen, pos_T, pos_T + t)
+    return key.topk(rk, dim=-1, largest=False, sorted=True).values
+
+
+@torch.no_grad()
+def retrieve(
+    query_end_BCGD: torch.Tensor,
+    pool_k_BTGD: torch.Tensor,
+    pool_v_BTGD: torch.Tensor,
+    valid_len_C: torch.Tensor,
+    r: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Retrieve R_{i-1} for C segment boundaries at once.
+
+    query_end_BCGD: the segment-end query of each boundary, summed over the query heads of
+        each KV group (sum of per-head dot products = dot product with the summed query).
+    pool_*_BTGD:    un-rotated pool keys/values; row c may use the first valid_len_C[c].
+    Returns keys and values [B, C, R', G, D] (detached, original order) and the number of
+    valid retrieved tokens per row [C] (= min(r, valid_len_C)).
+    """
+    scores = torch.einsum("bcgd,btgd->bgct", query_end_BCGD.float(), pool_k_BTGD.float())
+    idx_BGCR = select_top_r(scores, valid_len_C, r)
+    b, g, c, rk = idx_BGCR.shape
+    d = pool_k_BTGD.shape[-1]
+    idx_BCRG = idx_BGCR.permute(0, 2, 3, 1)  # [B, C, R', G]
+    gather_idx = idx_BCRG.reshape(b, c * rk, g, 1).expand(b, c * rk, g, d)
+    keys = torch.gather(pool_k_BTGD.detach(), 1, gather_idx).reshape(b, c, rk, g, d)
+    values = torch.gather(pool_v_BTGD.detach(), 1, gather_idx).reshape(b, c, rk, g, d)
+    count_C = torch.clamp(valid_len_C, max=r)
+    return keys, values, count_C
