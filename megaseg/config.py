@@ -265,7 +265,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     rope: RopeConfig = field(default_factory=RopeConfig)
-    segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(1024, 128, 128, 1))
+    segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(1024, 128, 0, 1))
     head_plan: HeadPlan | None = None  # None = all `local`
 
     def __post_init__(self):
@@ -273,6 +273,11 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 _fail(name, v, "must be an integer > 0")
+        for name, kind in (("rope", RopeConfig), ("segment", SegmentConfig)):
+            if not isinstance(getattr(self, name), kind):
+                _fail(name, getattr(self, name), f"must be a {kind.__name__}")
+        if self.head_plan is not None and not isinstance(self.head_plan, HeadPlan):
+            _fail("head_plan", self.head_plan, "must be a HeadPlan or None (all `local`)")
         if self.num_heads % self.num_kv_heads:
             _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads ({self.num_heads})")
         if self.head_dim is None:

@@ -20,7 +20,7 @@ def select_top_r(scores_BGCT: torch.Tensor, valid_len_C: torch.Tensor, r: int) -
     rk = min(r, t)
     pos_T = torch.arange(t, device=scores_BGCT.device)
     valid = pos_T < valid_len_C.to(scores_BGCT.device)[:, None]
-    masked = scores_BGCT.float().masked_fill(~valid, float("-inf"))
+    masked = scores_BGCT.masked_fill(~valid, float("-inf"))
     threshold = masked.topk(rk, dim=-1, sorted=True).values[..., -1:]
     above = masked > threshold
     at = masked == threshold
@@ -47,7 +47,8 @@ def retrieve(
     Returns keys and values [B, C, R', G, D] (detached, original order) and the number of
     valid retrieved tokens per row [C] (= min(r, valid_len_C)).
     """
-    scores = torch.einsum("bcgd,btgd->bgct", query_end_BCGD.float(), pool_k_BTGD.float())
+    dtype = torch.promote_types(query_end_BCGD.dtype, torch.float32)
+    scores = torch.einsum("bcgd,btgd->bgct", query_end_BCGD.to(dtype), pool_k_BTGD.to(dtype))
     idx_BGCR = select_top_r(scores, valid_len_C, r)
     b, g, c, rk = idx_BGCR.shape
     d = pool_k_BTGD.shape[-1]
