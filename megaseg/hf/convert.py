@@ -1,0 +1,98 @@
+"""Hugging Face Llama <-> megaseg checkpoint conversion.
+
+import: HF Llama directory -> megaseg checkpoint directory (segment settings and head plan
+        chosen by the caller; weights are copied bit for bit, optionally cast).
+export: megaseg checkpoint directory -> HF directory with Llama-layout safetensors, a
+        config.json carrying the segment settings, tokenizer files and the modeling code
+        (``modeling_megaseg.py``, registered through ``auto_map``) that runs the segmented
+        operator. With ``segmented=False`` the directory is a plain Llama checkpoint.
+
+The reference model uses HF Llama parameter names, so the weight mapping is the identity.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from megaseg.config import HeadPlan, ModelConfig, SegmentConfig
+from megaseg.hf.checkpoint import (
+    check_weights, copy_tokenizer_files, read_checkpoint, read_hf_weights, read_json, save_checkpoint,
+)
+from megaseg.hf.llama_config import (
+    REMOTE_CODE_MODULE, CheckpointError, hf_config_dict, model_config_from_hf, passthrough_from_hf,
+)
+
+MODELING_FILE = Path(__file__).with_name(f"{REMOTE_CODE_MODULE}.py")
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    d = Path(hf_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    return read_json(d / "config.json")
+
+
+def import_hf_checkpoint(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    segment: SegmentConfig | None,
+    head_plan: HeadPlan | None,
+    dtype: torch.dtype | None = None,
+    tp_size: int = 1,
+    pp_size: int = 1,
+) -> ModelConfig:
+    """Convert a HF Llama directory into a megaseg checkpoint directory; returns its config.
+
+    ``tp_size``/``pp_size`` > 1 store megatron-layout shards per rank (see checkpoint.py).
+    """
+    hf_cfg = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf_cfg, segment, head_plan, source=str(hf_dir))
+    sd = check_weights(read_hf_weights(hf_dir), cfg, str(hf_dir))
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    save_checkpoint(out_dir, sd, cfg, hf=passthrough_from_hf(hf_cfg), tokenizer_from=hf_dir,
+                    tp_size=tp_size, pp_size=pp_size)
+    return cfg
+
+
+def export_hf_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    segmented: bool = True,
+    dtype: torch.dtype | None = None,
+    tokenizer: str | os.PathLike | None = None,
+) -> ModelConfig:
+    """Write a HF directory from a megaseg checkpoint directory (any TP/PP); returns its config."""
+    sd, cfg, hf = read_checkpoint(src_dir)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    write_hf_directory(out_dir, sd, cfg, hf, segmented)
+    copy_tokenizer_files(tokenizer if tokenizer is not None else src_dir, out_dir)
+    return cfg
+
+
+def write_hf_directory(out_dir, state_dict, cfg: ModelConfig, hf: dict | None = None, segmented: bool = True) -> Path:
+    """Weights, config.json, generation_config.json and (segmented) the modeling code."""
+    out = Path(out_dir)
+    sd = check_weights(state_dict, cfg, str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = hf_config_dict(cfg, segmented=segmented, passthrough=hf)
+    some = next(iter(sd.values()))
+    config["dtype"] = str(some.dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    remote = out / MODELING_FILE.name
+    if segmented:
+        shutil.copyfile(MODELING_FILE, remote)
+    elif remote.exists():
+        remote.unlink()
+    return out
