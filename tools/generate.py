@@ -1,0 +1,152 @@
+"""Generate text with a megaseg model: segmented prefill, then token-by-token decode.
+
+    python tools/generate.py CHECKPOINT --prompt "Once upon a time" --max-new-tokens 64
+    python tools/generate.py CHECKPOINT --prompt-file story.txt --temperature 0.8 --top-p 0.95
+    python tools/generate.py CHECKPOINT --prompt-ids 1,523,88 --prompt-ids 1,77   # no tokenizer
+
+CHECKPOINT is a megaseg checkpoint directory, a megaseg HF export, or a plain HF Llama
+directory (then the segment options say how to segment it). The tokenizer (sentencepiece
+tokenizer.model or tokenizer.json) is taken from CHECKPOINT unless --tokenizer is given.
+One prompt streams its tokens as they are generated; several prompts run as one batch and
+print when done. The last lines report prefill time, decode tokens/s and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megaseg.config import ConfigError, HeadPlan, SegmentConfig  # noqa: E402
+from megaseg.hf.checkpoint import is_megaseg_checkpoint, load_model, parse_dtype, read_checkpoint, read_json  # noqa: E402
+from megaseg.hf.cli_options import add_segment_options, resolve_segment_options, segment_options_given  # noqa: E402
+from megaseg.hf.llama_config import CheckpointError, check_architecture, segment_section  # noqa: E402
+from megaseg.inference import InferenceEngine, SamplingConfig  # noqa: E402
+from megaseg.inference.tokenizer import TextTokenizer  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="megaseg checkpoint directory or HF (exported or Llama) directory")
+    p.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json or a directory (default: CHECKPOINT)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", default=[], help="file whose whole text is one prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-stream", action="store_true", help="print the completion only when done")
+    add_segment_options(p)
+    return p
+
+
+def _checkpoint_shape(path: Path) -> tuple[int, int, SegmentConfig | None, HeadPlan | None]:
+    """(layers, KV groups, segment settings, plan) recorded in the checkpoint, before loading it."""
+    if is_megaseg_checkpoint(path):
+        _, cfg, _ = read_checkpoint(path, weights=False)
+        return cfg.num_layers, cfg.num_kv_heads, cfg.segment, cfg.head_plan
+    hf = read_json(path / "config.json")
+    check_architecture(hf, str(path))
+    segment, plan = segment_section(hf, str(path))
+    layers = int(hf.get("num_hidden_layers", 0))
+    return layers, int(hf.get("num_key_value_heads") or hf.get("num_attention_heads", 0)), segment, plan
+
+
+def _prompts(args, tokenizer: TextTokenizer | None) -> list[list[int]]:
+    texts = list(args.prompt) + [Path(f).read_text() for f in args.prompt_file]
+    prompts = []
+    if texts:
+        if tokenizer is None:
+            raise CheckpointError(f"{args.checkpoint}: no tokenizer found for text prompts (pass --tokenizer or use --prompt-ids)")
+        prompts += [tokenizer.encode(t, add_bos=not args.no_bos) for t in texts]
+    for spec in args.prompt_ids:
+        try:
+            prompts.append([int(x) for x in spec.split(",") if x.strip()])
+        except ValueError:
+            raise ConfigError(f"--prompt-ids={spec!r} is invalid: comma-separated integers expected") from None
+    if not prompts:
+        raise ConfigError("no prompt: pass --prompt, --prompt-file or --prompt-ids")
+    return prompts
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = Path(args.checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    segment = plan = None
+    layers, groups, base_segment, base_plan = _checkpoint_shape(path)
+    if segment_options_given(args) or base_segment is None:
+        segment, plan = resolve_segment_options(args, layers, groups, base_segment, base_plan)
+    tok_path = Path(args.tokenizer) if args.tokenizer else path
+    tokenizer = None
+    if args.tokenizer or any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        tokenizer = TextTokenizer.load(tok_path)
+    prompts = _prompts(args, tokenizer)
+
+    model, _ = load_model(path, parse_dtype(args.dtype), segment, plan)
+    cfg = model.config
+    stop = list(args.stop_token)
+    if tokenizer is not None and tokenizer.eos_id is not None and not args.ignore_eos:
+        stop.append(tokenizer.eos_id)
+    engine = InferenceEngine(model)
+    stream = len(prompts) == 1 and not args.no_stream
+    shown = {"text": "", "ids": []}
+
+    def on_token(row: int, token: int):
+        if not stream:
+            return
+        shown["ids"].append(token)
+        if tokenizer is None:
+            print(token, end=" ", flush=True)
+            return
+        text = tokenizer.decode(shown["ids"])
+        print(text[len(shown["text"]):], end="", flush=True)
+        shown["text"] = text
+
+    print(f"# {path.name}: {cfg.num_layers} layers, S={cfg.segment.segment_length} M={cfg.segment.tail_length} "
+          f"R={cfg.segment.retrieval_length}, {len(prompts)} prompt(s) of {[len(p) for p in prompts]} tokens",
+          file=sys.stderr)
+    result = engine.generate(prompts, args.max_new_tokens, sampling, stop, on_token)
+    if stream:
+        print()
+    else:
+        for i, ids in enumerate(result.tokens):
+            text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+            print(f"[{i}] {text}")
+    s = result.stats
+    prefill_rate = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds > 0 else float("nan")
+    print(f"prefill: {s.prompt_tokens} tokens in {s.prefill_seconds:.3f} s ({prefill_rate:.1f} tokens/s)", file=sys.stderr)
+    print(f"decode: {s.generated_tokens} tokens in {s.decode_seconds:.3f} s ({s.decode_tokens_per_second:.1f} tokens/s)",
+          file=sys.stderr)
+    print(f"peak memory: {s.peak_rss_bytes / MIB:.1f} MiB RSS; segmented state at the end: "
+          f"{s.state_bytes['bounded'] / MIB:.2f} MiB bounded + {s.state_bytes['pool'] / MIB:.2f} MiB pool",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
