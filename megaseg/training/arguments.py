@@ -1,0 +1,418 @@
+"""Pretraining arguments: Megatron-style flags, an optional YAML file, one validated dataclass.
+
+Precedence: `PretrainConfig` defaults < YAML file (``--config``/``--yaml-cfg``) < flags
+given on the command line. Every field is both a flag and a YAML key:
+``num_layers: 4`` in YAML is ``--num-layers 4`` on the command line (YAML keys may use
+either ``_`` or ``-``). The defaults are the embedded default run: a small model on the
+default dataset that trains on two CPU cores in a few minutes.
+
+A bad value raises `ConfigError` naming the field, the value and what is allowed, before
+any work starts; `parse_args` never prints a traceback for user mistakes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from megaseg.config import ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+HEAD_PLAN_PRESETS = ("local", "prior", "contiguous", "interleaved", "paper-llama2-7b")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _f(default, help: str, group: str, choices: Sequence[str] | None = None, **kw):
+    meta = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything one pretraining run needs; validated in ``__post_init__``."""
+
+    # ---- model ------------------------------------------------------------------------
+    num_layers: int = _f(4, "transformer layers", "model")
+    hidden_size: int = _f(256, "hidden size", "model")
+    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default: 8/3 * hidden, rounded up to 64)", "model")
+    num_attention_heads: int = _f(4, "query heads", "model")
+    num_query_groups: int | None = _f(None, "KV heads for grouped-query attention (default: num_attention_heads)", "model")
+    kv_channels: int | None = _f(None, "head dim (default: hidden_size / num_attention_heads)", "model")
+    norm_epsilon: float = _f(1e-5, "RMSNorm epsilon", "model")
+    rotary_base: float = _f(10000.0, "RoPE theta", "model")
+    untie_embeddings_and_output_weights: bool = _f(True, "separate output layer weights (Llama layout)", "model")
+    init_method_std: float = _f(0.02, "std of the normal weight init", "model")
+    vocab_size: int | None = _f(None, "vocabulary size (default: the tokenizer's)", "model")
+
+    # ---- segmented execution (SEMANTICS.md) ----------------------------------------------
+    segment_length: int = _f(512, "S: tokens per segment", "segment")
+    tail_length: int = _f(64, "M: carried KV tail of `local` heads", "segment")
+    retrieval_length: int = _f(64, "R: retrieved prefix of `retrieval` heads (0 when none)", "segment")
+    tbptt_k: int = _f(1, "K: segments a loss backpropagates through (0 = detach every tail)", "segment")
+    head_plan_preset: str = _f("interleaved", "how long-range heads are chosen", "segment", HEAD_PLAN_PRESETS)
+    long_range_layers: list[int] = _f([1, 3], "0-based layers whose long-range heads retrieve", "segment")
+    num_long_range_heads: int = _f(1, "long-range KV groups per layer (contiguous/interleaved presets)", "segment")
+    long_range_heads: list[int] = _f([], "explicit long-range KV groups (prior preset)", "segment")
+
+    # ---- training ------------------------------------------------------------------------
+    seq_length: int = _f(2048, "tokens per training sequence", "training")
+    micro_batch_size: int = _f(2, "sequences per forward/backward", "training")
+    global_batch_size: int = _f(4, "sequences per optimizer step (all data-parallel ranks)", "training")
+    train_iters: int = _f(100, "optimizer steps to train for", "training")
+    lr: float = _f(3e-3, "peak learning rate", "training")
+    min_lr: float = _f(3e-4, "learning rate at the end of decay", "training")
+    lr_decay_style: str = _f("cosine", "learning rate decay after warmup", "training", LR_DECAY_STYLES)
+    lr_warmup_iters: int | None = _f(None, "linear warmup steps from lr_warmup_init to lr (overrides the fraction)", "training")
+    lr_warmup_fraction: float = _f(0.1, "warmup steps as a fraction of lr_decay_iters", "training")
+    lr_warmup_init: float = _f(0.0, "learning rate at step 0", "training")
+    lr_decay_iters: int | None = _f(None, "decay length in steps (default: train_iters)", "training")
+    weight_decay: float = _f(0.1, "AdamW weight decay", "training")
+    optimizer: str = _f("adam", "optimizer", "training", OPTIMIZERS)
+    adam_beta1: float = _f(0.9, "Adam beta1", "training")
+    adam_beta2: float = _f(0.95, "Adam beta2", "training")
+    adam_eps: float = _f(1e-8, "Adam epsilon", "training")
+    sgd_momentum: float = _f(0.9, "SGD momentum", "training")
+    clip_grad: float = _f(1.0, "clip the global grad norm to this (0 = off)", "training")
+    bf16: bool | None = _f(None, "bf16 autocast (default: on where the hardware supports it, CUDA only)", "training")
+    seed: int = _f(1234, "random seed", "training")
+
+    # ---- parallelism -----------------------------------------------------------------------
+    tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
+    pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
+
+    # ---- data -------------------------------------------------------------------------------
+    data_path: list[str] = _f([], "megatron blend: [weight] prefix ... (default: the embedded default dataset)", "data")
+    split: str = _f("98,2,0", "train,valid,test split of the data", "data")
+    tokenizer_model: str | None = _f(None, "sentencepiece model (default: the default dataset's)", "data")
+    data_cache_path: str | None = _f(None, "where dataset index caches go (default: next to the data)", "data")
+
+    # ---- checkpointing ----------------------------------------------------------------------
+    save: str | None = _f("runs/default/checkpoints", "checkpoint directory to save to ('none' = never)", "checkpointing")
+    save_interval: int | None = _f(50, "save every N steps (and at the end)", "checkpointing")
+    load: str | None = _f(None, "checkpoint directory (or one iter_* folder) to resume from", "checkpointing")
+    no_load_optim: bool = _f(False, "load model weights only, not optimizer/scheduler state", "checkpointing")
+    no_load_rng: bool = _f(False, "do not restore RNG states", "checkpointing")
+
+    # ---- logging and validation ---------------------------------------------------------
+    log_interval: int = _f(5, "print a log line every N steps", "logging")
+    tensorboard_dir: str | None = _f("runs/default/tensorboard", "TensorBoard event files ('none' = off)", "logging")
+    eval_interval: int = _f(25, "validation every N steps (and at the end)", "logging")
+    eval_iters: int = _f(2, "global batches per validation (0 = no validation)", "logging")
+
+    config: str | None = _f(None, "YAML file with any of these fields", "config")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _hints()[f.name], f.metadata.get("choices")))
+        self._check()
+
+    # ------------------------------------------------------------------------------------
+    def _check(self):
+        positive = (
+            "num_layers", "hidden_size", "num_attention_heads", "segment_length", "seq_length",
+            "micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval",
+            "tensor_model_parallel_size", "pipeline_model_parallel_size",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                _fail(name, getattr(self, name), "must be > 0")
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "vocab_size", "save_interval", "lr_decay_iters"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                _fail(name, v, "must be > 0 (or unset for the default)")
+        for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad", "adam_eps", "init_method_std"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                _fail(name, v, "must be a finite number >= 0")
+        for name in ("norm_epsilon", "rotary_base"):
+            if not getattr(self, name) > 0:
+                _fail(name, getattr(self, name), "must be > 0")
+        for name in ("adam_beta1", "adam_beta2", "sgd_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be in [0, 1)")
+        if self.lr == 0:
+            _fail("lr", self.lr, "must be > 0")
+        if self.min_lr > self.lr:
+            _fail("min_lr", self.min_lr, f"must be <= lr ({self.lr})")
+        if self.lr_warmup_init > self.lr:
+            _fail("lr_warmup_init", self.lr_warmup_init, f"must be <= lr ({self.lr})")
+        if self.lr_warmup_iters is not None and self.lr_warmup_iters < 0:
+            _fail("lr_warmup_iters", self.lr_warmup_iters, "must be >= 0")
+        if self.lr_warmup_iters is not None and self.lr_warmup_iters >= self.decay_iters:
+            _fail("lr_warmup_iters", self.lr_warmup_iters, f"must be < lr_decay_iters ({self.decay_iters})")
+        if not 0 <= self.lr_warmup_fraction < 1:
+            _fail("lr_warmup_fraction", self.lr_warmup_fraction, "must be in [0, 1)")
+        if self.global_batch_size % self.micro_batch_size:
+            _fail("global_batch_size", self.global_batch_size,
+                  f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.eval_iters < 0:
+            _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if self.pipeline_model_parallel_size != 1:
+            _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
+                  "must be 1: the TBPTT engine runs the whole model on one stage")
+        if self.head_plan_preset == "prior" and not self.long_range_heads:
+            _fail("long_range_heads", self.long_range_heads, "the `prior` preset needs an explicit list of KV groups")
+        if len(self.data_path) > 1 and len(self.data_path) % 2:
+            _fail("data_path", self.data_path, "a blend needs pairs of `weight prefix`")
+        parts = self.split.split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        if len(weights) != 3 or min(weights) < 0 or weights[0] <= 0 or weights[1] < 0:
+            _fail("split", self.split, "must be three comma-separated non-negative weights train,valid,test with train > 0")
+        if self.eval_iters and weights[1] == 0:
+            _fail("split", self.split, "has no validation share; give it one or set eval_iters=0")
+        try:  # the model/segment fields must form a valid model
+            self.model_config(self.vocab_size or 32)
+        except ConfigError as exc:
+            name, _, rest = str(exc).partition("=")
+            raise ConfigError(f"{_MODEL_FIELD_TO_FLAG.get(name, name)}={rest}") from None
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def decay_iters(self) -> int:
+        return self.lr_decay_iters or self.train_iters
+
+    @property
+    def warmup_iters(self) -> int:
+        if self.lr_warmup_iters is not None:
+            return self.lr_warmup_iters
+        return int(self.lr_warmup_fraction * self.decay_iters)
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    def head_plan(self) -> HeadPlan:
+        groups = self.num_query_groups or self.num_attention_heads
+        return HeadPlan.preset(
+            self.head_plan_preset,
+            self.num_layers,
+            groups,
+            long_range_layers=self.long_range_layers,
+            long_heads=self.long_range_heads or None,
+            num_long_heads=self.num_long_range_heads,
+        )
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The `ModelConfig` these flags describe, for a tokenizer with ``vocab_size`` tokens."""
+        return ModelConfig(
+            vocab_size=self.vocab_size or vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_query_groups or self.num_attention_heads,
+            head_dim=self.kv_channels,
+            rms_norm_eps=self.norm_epsilon,
+            tie_word_embeddings=not self.untie_embeddings_and_output_weights,
+            rope=RopeConfig(theta=self.rotary_base),
+            segment=SegmentConfig(self.segment_length, self.tail_length, self.retrieval_length, self.tbptt_k),
+            head_plan=self.head_plan(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# ModelConfig/HeadPlan field names -> the PretrainConfig field (flag) that sets them.
+_MODEL_FIELD_TO_FLAG = {
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_query_groups",
+    "num_kv_groups": "num_query_groups",
+    "intermediate_size": "ffn_hidden_size",
+    "head_dim": "kv_channels",
+    "rms_norm_eps": "norm_epsilon",
+    "rope.theta": "rotary_base",
+    "long_heads": "long_range_heads",
+    "num_long_heads": "num_long_range_heads",
+}
+
+
+def _fail(name: str, value, allowed: str):
+    raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(PretrainConfig))
+    return _HINTS
+
+
+def _base_type(hint):
+    """(python type, optional?, is_list) of a field annotation."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
+
+
+def _coerce_one(name, value, typ):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        _fail(name, value, "must be true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            _fail(name, value, "must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        _fail(name, value, "must be an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(name, value, "must be a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        _fail(name, value, "must be a string")
+    raise TypeError(f"unsupported field type {typ} for {name}")
+
+
+def _coerce(name, value, hint, choices):
+    typ, optional, is_list = _base_type(hint)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        _fail(name, value, "must be set")
+    if is_list:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            _fail(name, value, f"must be a list of {typ.__name__}")
+        return [_coerce_one(name, v, typ) for v in value]
+    value = _coerce_one(name, value, typ)
+    if choices and value not in choices:
+        _fail(name, value, f"allowed: {', '.join(choices)}")
+    return value
+
+
+# ---- command line and YAML ------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """Megatron-style flags for every `PretrainConfig` field; unset flags stay absent."""
+    parser = _OneLineParser(
+        prog=prog,
+        description="Pretrain a megaseg GPT (megatron-core) with segmented attention and TBPTT-K.",
+        argument_default=argparse.SUPPRESS,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(PretrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        typ, optional, is_list = _base_type(_hints()[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{meta['help']} (default: {default})"
+        names = [flag(f.name)]
+        if f.name == "config":
+            names.append("--yaml-cfg")
+        if typ is bool:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif is_list:
+            group.add_argument(*names, dest=f.name, nargs="*", type=str, help=help_text)
+        else:
+            group.add_argument(*names, dest=f.name, type=str, choices=meta["choices"], help=help_text,
+                               metavar=typ.__name__.upper())
+    return parser
+
+
+def _normalize_key(key) -> str:
+    return str(key).replace("-", "_")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Flat mapping of field -> value from a YAML file; errors name the file and the key."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config={path!r} is invalid: no such file")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of flag names to values, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)} - {"config"}
+    out = {}
+    for key, value in data.items():
+        name = _normalize_key(key)
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> PretrainConfig:
+    """Flags (and the YAML file they name) -> a validated `PretrainConfig`.
+
+    Raises `ConfigError` (one line, names the field; prefixed with the YAML file for its
+    keys) for bad values; argparse exits with status 2 for malformed flags.
+    """
+    parser = build_parser(prog)
+    given = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    values: dict[str, Any] = {}
+    path = given.get("config")
+    from_yaml = load_yaml(path) if path else {}
+    values.update(from_yaml)
+    values.update(given)
+    try:
+        return PretrainConfig(**values)
+    except ConfigError as exc:
+        name = str(exc).split("=", 1)[0]
+        if name in from_yaml and name not in given:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
