@@ -1,0 +1,162 @@
+"""Checkpoints: resume reproduces the uninterrupted run exactly; saves are atomic."""
+import io
+import os
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+
+from megaseg.training import checkpointing
+from megaseg.training.trainer import pretrain
+from tests.training.synthetic import PatternDataset, tiny_config
+
+TRAIN = PatternDataset(64, 32, seed=0)
+VALID = PatternDataset(8, 32, seed=1)
+
+
+def _run(cfg):
+    return pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, VALID, out=io.StringIO())
+
+
+def _plain(directory):
+    """Every tensor of a checkpoint, flattened to dotted keys."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}{i}.", v)
+        elif isinstance(value, torch.Tensor):
+            out[prefix[:-1]] = value
+
+    walk("", dist_checkpointing.load_plain_tensors(directory))
+    return out
+
+
+def test_resume_reproduces_uninterrupted_losses_exactly(model_parallel, tmp_path):
+    straight = _run(tiny_config(tmp_path / "a", train_iters=4, lr_decay_iters=4))
+    first = _run(tiny_config(tmp_path / "b", train_iters=2, lr_decay_iters=4))
+    resumed = _run(tiny_config(tmp_path / "b", train_iters=4, lr_decay_iters=4, load=str(tmp_path / "b" / "ckpt")))
+
+    assert resumed.start_iteration == 2
+    assert first.losses == straight.losses[:2]
+    assert resumed.losses == straight.losses[2:]  # bit-exact, not approximately
+    assert straight.losses[-1] < straight.losses[0]
+    # Weights and optimizer moments at iteration 4 are identical too.
+    a, b = _plain(straight.last_checkpoint), _plain(resumed.last_checkpoint)
+    assert sorted(a) == sorted(b) and any(k.startswith("optimizer.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_tracker_names_the_latest_complete_checkpoint(model_parallel, tmp_path):
+    result = _run(tiny_config(tmp_path, train_iters=3, save_interval=2))
+    root = tmp_path / "ckpt"
+    assert (root / checkpointing.TRACKER).read_text().strip() == "3"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", checkpointing.TRACKER]
+    assert result.last_checkpoint == str(root / "iter_0000003")
+    for name in ("metadata.json", "common.pt", checkpointing.MANIFEST):
+        assert (root / "iter_0000003" / name).is_file()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_loadable(model_parallel, tmp_path, monkeypatch):
+    straight = _run(tiny_config(tmp_path / "a", train_iters=4, lr_decay_iters=4))
+    root = tmp_path / "b" / "ckpt"
+    _run(tiny_config(tmp_path / "b", train_iters=2, lr_decay_iters=4))
+
+    def crash(directory):  # the shard files of iteration 3 are written, the checkpoint is not committed
+        (root / ".iter_0000003.tmp" / "common.pt").write_bytes(b"partial")
+        raise _Crash()
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpointing, "_write_manifest", crash)
+        with pytest.raises(_Crash):
+            _run(tiny_config(tmp_path / "b", train_iters=4, lr_decay_iters=4, save_interval=1, load=str(root)))
+    assert (root / checkpointing.TRACKER).read_text().strip() == "2"
+    assert (root / ".iter_0000003.tmp").is_dir()
+
+    resumed = _run(tiny_config(tmp_path / "b", train_iters=4, lr_decay_iters=4, load=str(root)))
+    assert resumed.start_iteration == 2
+    assert resumed.losses == straight.losses[2:]
+    assert not (root / ".iter_0000003.tmp").exists()  # cleaned up by the next save
+
+
+def test_resaving_an_iteration_interrupted_before_its_rename_keeps_the_old_copy(model_parallel, tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    _run(tiny_config(tmp_path, train_iters=2))
+    real_rename = os.rename
+
+    def rename_then_crash(src, dst):
+        real_rename(src, dst)
+        if str(dst).endswith(".old"):
+            raise _Crash()
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", rename_then_crash)
+        with pytest.raises(_Crash):
+            _run(tiny_config(tmp_path, train_iters=2))  # a fresh run saving into the same directory
+    # iter_0000002 was set aside and its replacement never renamed in: the old copy is used.
+    assert not (root / "iter_0000002").exists()
+    found = checkpointing.find_checkpoint(str(root))
+    assert found.endswith(".iter_0000002.old")
+    checkpointing.verify_checkpoint(found)
+    resumed = _run(tiny_config(tmp_path, train_iters=3, lr_decay_iters=4, load=str(root)))
+    assert resumed.start_iteration == 2
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "iter_0000003", checkpointing.TRACKER]
+
+
+def _corrupt_cases(root):
+    it = root / "iter_0000002"
+    return {
+        "truncated shard": (lambda: _truncate(it / "__0_0.distcp"), "__0_0.distcp"),
+        "flipped byte": (lambda: _flip(it / "common.pt"), "common.pt"),
+        "missing file": (lambda: (it / "metadata.json").unlink(), "metadata.json"),
+        "no manifest": (lambda: (it / checkpointing.MANIFEST).unlink(), checkpointing.MANIFEST),
+        "bad tracker": (lambda: (root / checkpointing.TRACKER).write_text("two\n"), checkpointing.TRACKER),
+        "tracker to nothing": (lambda: (root / checkpointing.TRACKER).write_text("7\n"), "iter_0000007"),
+    }
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", list(_corrupt_cases(__import__("pathlib").Path("x"))))
+def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(model_parallel, tmp_path, case):
+    _run(tiny_config(tmp_path, train_iters=2))
+    root = tmp_path / "ckpt"
+    damage, name = _corrupt_cases(root)[case]
+    damage()
+    with pytest.raises(checkpointing.CheckpointError) as info:
+        _run(tiny_config(tmp_path, train_iters=3, load=str(root)))
+    message = str(info.value)
+    assert name in message and "\n" not in message
+
+
+def test_checkpoint_of_another_model_is_rejected_naming_the_field(model_parallel, tmp_path):
+    _run(tiny_config(tmp_path, train_iters=2))
+    with pytest.raises(checkpointing.CheckpointError) as info:
+        _run(tiny_config(tmp_path, train_iters=3, hidden_size=64, load=str(tmp_path / "ckpt")))
+    message = str(info.value)
+    assert "common.pt" in message and "hidden_size" in message and "\n" not in message
+
+
+def test_load_from_a_missing_directory_fails_unless_it_is_the_save_directory(model_parallel, tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+        _run(tiny_config(tmp_path, train_iters=1, lr_warmup_iters=0, load=str(tmp_path / "nope")))
+    result = _run(tiny_config(tmp_path, train_iters=1, lr_warmup_iters=0, load=str(tmp_path / "ckpt")))
+    assert result.start_iteration == 0 and result.iteration == 1
