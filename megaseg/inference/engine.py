@@ -122,6 +122,12 @@ class BatchState:
         return {"bounded": bounded, "pool": pool}
 
 
+def _drain(items: list):
+    """Yield and drop the items of a list, so that the caller holds no reference to them."""
+    while items:
+        yield items.pop(0)
+
+
 def _merge_equal_positions(groups: Sequence[SequenceGroup]) -> list[SequenceGroup]:
     """One group per position: equal positions imply equal state shapes, so states concatenate."""
     by_pos: dict[int, list[SequenceGroup]] = {}
@@ -222,11 +228,15 @@ class InferenceEngine:
         pos, L = 0, ids_BL.shape[1]
         while pos < L:
             n = min(S - pos % S, L - pos)  # up to the next segment boundary
-            hidden, states = self.decoder(ids_BL[:, pos : pos + n], states)
+            # Hand each layer its state and forget it here, so a layer's old pool is freed as
+            # soon as the layer has built the new one (not after the whole chunk).
+            hidden, states = self.decoder(ids_BL[:, pos : pos + n], _drain(states))
+            last = hidden[:, -1].clone()
             if all_logits:
                 pieces.append(self.lm_head(hidden))
+            del hidden
             pos += n
-        return hidden[:, -1], (torch.cat(pieces, 1) if all_logits else None), states
+        return last, (torch.cat(pieces, 1) if all_logits else None), states
 
     def _as_ids(self, prompt, index: int) -> torch.Tensor:
         t = torch.as_tensor(prompt, dtype=torch.long, device=self.device).flatten()
