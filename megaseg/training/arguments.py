@@ -91,7 +91,8 @@ class PretrainConfig:
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
 
     # ---- data -------------------------------------------------------------------------------
-    data_path: list[str] = _f([], "megatron blend: [weight] prefix ... (default: the embedded default dataset)", "data")
+    data_path: list[str] = _f([], "megatron blend: prefix ... or weight prefix ... (default: the default dataset)", "data")
+    default_data_dir: str = _f("data/default", "where the default dataset is prepared when no data_path is given", "data")
     split: str = _f("98,2,0", "train,valid,test split of the data", "data")
     tokenizer_model: str | None = _f(None, "sentencepiece model (default: the default dataset's)", "data")
     data_cache_path: str | None = _f(None, "where dataset index caches go (default: next to the data)", "data")
@@ -162,8 +163,6 @@ class PretrainConfig:
                   "must be 1: the TBPTT engine runs the whole model on one stage")
         if self.head_plan_preset == "prior" and not self.long_range_heads:
             _fail("long_range_heads", self.long_range_heads, "the `prior` preset needs an explicit list of KV groups")
-        if len(self.data_path) > 1 and len(self.data_path) % 2:
-            _fail("data_path", self.data_path, "a blend needs pairs of `weight prefix`")
         parts = self.split.split(",")
         try:
             weights = [float(p) for p in parts]

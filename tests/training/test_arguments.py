@@ -1,8 +1,12 @@
 """Flags, YAML and their validation: a bad value is one line naming the field."""
+from pathlib import Path
+
 import pytest
 
 from megaseg.config import ConfigError
 from megaseg.training.arguments import PretrainConfig, build_parser, parse_args
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_embedded_default_run():
@@ -104,3 +108,17 @@ def test_every_field_has_a_flag():
     parser = build_parser()
     dests = {a.dest for a in parser._actions}
     assert set(PretrainConfig().to_dict()) <= dests
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (REPO / "examples").glob("*.yaml")))
+def test_example_configs_are_valid(path):
+    cfg = parse_args(["--config", path])
+    cfg.model_config(vocab_size=32000)
+
+
+def test_default_yaml_is_the_no_argument_run():
+    from_yaml = parse_args(["--config", str(REPO / "examples" / "default.yaml")]).to_dict()
+    assert from_yaml.pop("config").endswith("default.yaml")
+    defaults = PretrainConfig().to_dict()
+    defaults.pop("config")
+    assert from_yaml == defaults
