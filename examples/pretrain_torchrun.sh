@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Data-parallel (and tensor-parallel) pretraining on one machine with torchrun.
+#   NPROC=2 examples/pretrain_torchrun.sh                         # 2 ranks, default run (gloo on CPU)
+#   NPROC=8 examples/pretrain_torchrun.sh --config examples/llama2_7b_paper.yaml
+# Extra arguments are passed to pretrain/pretrain_gpt.py and override the config.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC="${NPROC:-2}"
+CONFIG="${CONFIG:-examples/default.yaml}"
+exec torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" \
+    pretrain/pretrain_gpt.py --config "$CONFIG" "$@"
