@@ -1,0 +1,192 @@
+"""GPT train/valid/test datasets through megatron-core's BlendedMegatronDatasetBuilder.
+
+Each sample is `seq_length + 1` consecutive tokens drawn across document boundaries
+(documents are joined by their eod), shuffled with `seed`; `tokens`/`labels` are the
+first/last `seq_length` of them. A blend mixes several indexed datasets by weight and a
+split string such as "969,30,1" carves train/valid/test out of each.
+
+megatron-core builds its sample indices with a C++ extension,
+`megatron.core.datasets.helpers_cpp`. Binary wheels ship it prebuilt; when it is missing
+(a source install) `ensure_helpers()` compiles `helpers.cpp` once with the system C++
+compiler and pybind11 into megaseg's cache directory ($MEGASEG_CACHE, default
+~/.cache/megaseg) and loads it from there.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+_HELPERS = "megatron.core.datasets.helpers_cpp"
+
+
+class GPTDatasets(NamedTuple):
+    train: object
+    valid: object
+    test: object
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEGASEG_CACHE", Path.home() / ".cache" / "megaseg"))
+
+
+def _compile_helpers(target: Path) -> None:
+    import megatron.core.datasets as datasets_pkg
+
+    source = Path(datasets_pkg.__file__).parent / "helpers.cpp"
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError(
+            f"{_HELPERS} is missing and no C++ compiler was found to build it (set CXX or install g++)"
+        )
+    try:
+        import pybind11
+    except ImportError:
+        raise RuntimeError(f"{_HELPERS} is missing; building it needs pybind11 (pip install pybind11)") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    command = [
+        compiler, "-O3", "-shared", "-std=c++17", "-fPIC",
+        f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+        str(source), "-o", str(partial),
+    ]  # fmt: skip
+    built = subprocess.run(command, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise RuntimeError(f"building {_HELPERS} failed: {built.stderr.strip().splitlines()[-1:]}")
+    os.replace(partial, target)
+
+
+def ensure_helpers() -> None:
+    """Make `megatron.core.datasets.helpers_cpp` importable, building it if it is missing."""
+    try:
+        importlib.import_module(_HELPERS)
+        return
+    except ImportError:
+        pass
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    target = cache_dir() / "megatron_helpers" / f"helpers_cpp{suffix}"
+    if not target.exists():
+        _compile_helpers(target)
+    spec = importlib.util.spec_from_file_location(_HELPERS, target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[_HELPERS] = module
+
+
+def parse_blend(data: str | Sequence[str]) -> tuple[list[str], list[float] | None]:
+    """A data prefix, a list of prefixes, or Megatron's flat "w1 p1 w2 p2" weighted list."""
+    items = data.split() if isinstance(data, str) else [str(item) for item in data]
+    if not items:
+        raise ValueError("no data prefix given")
+    try:
+        float(items[0])
+        weighted = True
+    except ValueError:
+        weighted = False
+    if not weighted:
+        return items, None
+    if len(items) % 2:
+        raise ValueError(f"a weighted blend alternates weight and prefix; got {len(items)} items")
+    weights, prefixes = items[0::2], items[1::2]
+    try:
+        parsed = [float(w) for w in weights]
+    except ValueError as exc:
+        raise ValueError(f"bad blend weight: {exc}") from None
+    if any(w < 0 for w in parsed) or sum(parsed) <= 0:
+        raise ValueError(f"blend weights must be >= 0 with a positive sum, got {parsed}")
+    return prefixes, parsed
+
+
+def _check_prefixes(prefixes: Sequence[str]) -> None:
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise FileNotFoundError(f"indexed dataset file not found: {prefix}{suffix}")
+
+
+def _check_splits(prefixes: Sequence[str], split: str) -> None:
+    """Refuse a split with a positive share that gets no documents.
+
+    megatron-core carves splits by whole documents, and a GPTDataset with no tokens loops
+    forever looking for enough epochs to fill even zero samples.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        indexed = IndexedDataset(prefix)
+        documents = len(indexed.sequence_lengths)
+        del indexed  # closes its mmap
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds is not None and round(bounds[0] * documents) == round(bounds[1] * documents):
+                raise ValueError(
+                    f"{prefix} has {documents} documents: split={split!r} leaves the {name} split "
+                    f"with none; give {name} a larger share, a share of 0, or add documents"
+                )
+
+
+def build_train_valid_datasets(
+    data: str | Sequence[str],
+    tokenizer,
+    seq_length: int,
+    num_samples: Sequence[int | None],
+    split: str = "969,30,1",
+    seed: int = 1234,
+    path_to_cache: str | Path | None = None,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    create_attention_mask: bool = False,
+) -> GPTDatasets:
+    """Build the train, valid and test GPTDatasets (None for a split with zero weight).
+
+    Args:
+        data: data prefix(es) written by preprocessing, or a weighted blend
+            ("30 prefixA 70 prefixB" or ["30", "prefixA", "70", "prefixB"]).
+        tokenizer: provides `eod`, `pad`, `vocab_size`, `unique_identifiers`
+            (megaseg.data.tokenizer.SentencePieceTokenizer).
+        seq_length: tokens per sample fed to the model; samples hold seq_length + 1.
+        num_samples: (train, valid, test) sample counts; None means one epoch of that
+            split (only without blend weights).
+        split: relative train/valid/test sizes carved out of every dataset.
+        seed: shuffling seed.
+        path_to_cache: where megatron-core saves the index .npy files (None: in memory).
+    """
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples needs (train, valid, test), got {list(num_samples)}")
+    prefixes, weights = parse_blend(data)
+    _check_prefixes(prefixes)
+    ensure_helpers()
+    _check_splits(prefixes, split)
+
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=None if path_to_cache is None else str(path_to_cache),
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
+    return GPTDatasets(*builder.build())

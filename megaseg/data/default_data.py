@@ -1,0 +1,113 @@
+"""The embedded default dataset, end to end: stdlib corpus -> tokenizer -> indexed dataset.
+
+    prepare_default_data("data/default")
+    # data/default/corpus.jsonl, tokenizer.model/.vocab, stdlib_text_document.bin/.idx,
+    # manifest.json (written last: its presence means the directory is complete)
+
+Calling it again with the same settings returns at once; different settings rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megaseg.data.corpus import DEFAULT_MIN_BYTES, stdlib_documents, write_jsonl
+from megaseg.data.preprocess import preprocess_jsonl
+from megaseg.data.tokenizer import train_tokenizer
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DefaultDataSettings:
+    vocab_size: int = 4096
+    tokenizer_train_chars: int = 2_000_000
+    min_bytes: int = DEFAULT_MIN_BYTES
+    max_bytes: int | None = None
+    python_version: str = platform.python_version()
+
+
+@dataclass(frozen=True)
+class DefaultData:
+    """Absolute paths of a prepared default dataset, plus its size."""
+
+    directory: Path
+    tokenizer_model: Path
+    data_prefix: str
+    documents: int
+    tokens: int
+
+
+def _load(directory: Path, settings: DefaultDataSettings) -> DefaultData | None:
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("settings") != asdict(settings):
+        return None
+    data = DefaultData(
+        directory=directory,
+        tokenizer_model=directory / manifest["tokenizer_model"],
+        data_prefix=str(directory / manifest["data_prefix"]),
+        documents=manifest["documents"],
+        tokens=manifest["tokens"],
+    )
+    files = [data.tokenizer_model, Path(data.data_prefix + ".bin"), Path(data.data_prefix + ".idx")]
+    return data if all(f.is_file() for f in files) else None
+
+
+def prepare_default_data(
+    output_dir: str | Path,
+    settings: DefaultDataSettings = DefaultDataSettings(),
+    workers: int = 2,
+    log=print,
+) -> DefaultData:
+    """Build (or find already built) the default dataset in `output_dir`."""
+    directory = Path(output_dir).resolve()
+    existing = _load(directory, settings)
+    if existing is not None:
+        log(f"default data already prepared in {directory} ({existing.documents} documents, {existing.tokens} tokens)")
+        return existing
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
+
+    corpus = directory / "corpus.jsonl"
+    documents = write_jsonl(
+        stdlib_documents(min_bytes=settings.min_bytes, max_bytes=settings.max_bytes), corpus
+    )
+    if documents == 0:
+        raise ValueError(
+            f"the stdlib corpus is empty with min_bytes={settings.min_bytes}, max_bytes={settings.max_bytes}"
+        )
+    log(f"corpus: {documents} stdlib source files -> {corpus}")
+
+    # An evenly spaced subset of documents, so the sample covers the whole library.
+    texts = [d.text for d in stdlib_documents(min_bytes=settings.min_bytes, max_bytes=settings.max_bytes)]
+    stride = max(1, round(sum(map(len, texts)) / settings.tokenizer_train_chars))
+    training_text, budget = [], settings.tokenizer_train_chars
+    for text in texts[::stride]:
+        lines = [line for line in text.splitlines() if line.strip()]
+        training_text.extend(lines)
+        budget -= sum(map(len, lines))
+        if budget <= 0:
+            break
+    model = train_tokenizer(training_text, directory / "tokenizer", vocab_size=settings.vocab_size)
+    log(f"tokenizer: vocab {settings.vocab_size} -> {model}")
+
+    result = preprocess_jsonl(corpus, model, directory / "stdlib", workers=workers)
+    prefix = result.prefixes["text"]
+    tokens = result.tokens["text"]
+    log(f"indexed dataset: {result.documents} documents, {tokens} tokens -> {prefix}.bin/.idx")
+
+    manifest = {
+        "settings": asdict(settings),
+        "tokenizer_model": model.name,
+        "data_prefix": Path(prefix).name,
+        "documents": result.documents,
+        "tokens": tokens,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return DefaultData(directory, model, prefix, result.documents, tokens)

@@ -1,0 +1,210 @@
+"""SentencePiece tokenizer: training, and the interface megatron-core's GPT datasets read.
+
+megatron-core's `GPTDatasetConfig.tokenizer` is duck-typed: `GPTDataset` reads `eod`
+(document separator), `pad` (masked out of the loss), `vocab_size`, and
+`unique_identifiers` (hashed into the dataset cache key). `SentencePieceTokenizer`
+provides those plus `tokenize`/`detokenize`, `bos`, `eos`, `unk`, `vocab`, `inv_vocab`.
+
+Special ids are fixed at training time: pad 0, unk 1, bos 2, eos 3; eod is eos.
+Training keeps text byte-exact: identity normalization, no dummy prefix, whitespace kept,
+and byte fallback so any UTF-8 (newlines, tabs, rare characters) round-trips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_NUM_SPECIAL = 4
+_NUM_BYTE_PIECES = 256
+
+
+class TokenizerError(ValueError):
+    """A tokenizer model or training request that cannot work; the message says why."""
+
+
+def _load_processor(model_path: str | Path):
+    import sentencepiece as spm
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer model not found: {path}")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise TokenizerError(f"{path} is not a sentencepiece model ({exc})") from None
+    return processor
+
+
+class SentencePieceTokenizer:
+    """A trained sentencepiece model.
+
+    Args:
+        model_path: the `.model` file written by `train_tokenizer`.
+    """
+
+    def __init__(self, model_path: str | Path):
+        self.model_path = Path(model_path)
+        self._sp = _load_processor(self.model_path)
+        digest = hashlib.sha256(self.model_path.read_bytes()).hexdigest()
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("model_sha256", digest)]
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {self._sp.IdToPiece(i): i for i in range(self.vocab_size)}
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: self._sp.IdToPiece(i) for i in range(self.vocab_size)}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.Encode(list(texts))
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def _special(self, piece_id: int, name: str) -> int:
+        if piece_id < 0:
+            raise AttributeError(f"{self.model_path} has no {name} token")
+        return piece_id
+
+    @property
+    def pad(self) -> int:
+        return self._special(self._sp.pad_id(), "pad")
+
+    @property
+    def unk(self) -> int:
+        return self._special(self._sp.unk_id(), "unk")
+
+    @property
+    def bos(self) -> int:
+        return self._special(self._sp.bos_id(), "bos")
+
+    @property
+    def eos(self) -> int:
+        return self._special(self._sp.eos_id(), "eos")
+
+    @property
+    def eod(self) -> int:
+        """End of document: the eos token."""
+        return self.eos
+
+    @property
+    def has_byte_fallback(self) -> bool:
+        return all(self._sp.PieceToId(f"<0x{b:02X}>") != self.unk for b in range(256))
+
+    def describe(self) -> str:
+        """One line: vocabulary size, special ids and byte fallback."""
+        return (
+            f"{self.model_path}: vocab_size={self.vocab_size} pad={self._sp.pad_id()} "
+            f"unk={self._sp.unk_id()} bos={self._sp.bos_id()} eos={self._sp.eos_id()} "
+            f"byte_fallback={self.has_byte_fallback}"
+        )
+
+
+def validate_tokenizer(model_path: str | Path, require_byte_fallback: bool = True) -> SentencePieceTokenizer:
+    """Load a model and check it has the special tokens megaseg's datasets need."""
+    tokenizer = SentencePieceTokenizer(model_path)
+    for name in ("pad", "eos"):
+        try:
+            getattr(tokenizer, name)
+        except AttributeError as exc:
+            raise TokenizerError(str(exc)) from None
+    if tokenizer.pad == tokenizer.eod:
+        raise TokenizerError(f"{model_path}: pad and eod share id {tokenizer.pad}")
+    if require_byte_fallback and not tokenizer.has_byte_fallback:
+        raise TokenizerError(f"{model_path} has no byte fallback pieces; retrain with byte_fallback")
+    return tokenizer
+
+
+def iter_training_lines(files: Iterable[str | Path], max_chars: int | None = None) -> Iterator[str]:
+    """Non-empty lines of `files` in order, stopping once `max_chars` characters were yielded."""
+    total = 0
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                yield line
+                total += len(line)
+                if max_chars is not None and total >= max_chars:
+                    return
+
+
+def train_tokenizer(
+    lines: Iterable[str],
+    output_prefix: str | Path,
+    vocab_size: int = 4096,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 0.9995,
+    num_threads: int = 2,
+) -> Path:
+    """Train a sentencepiece model on `lines`; writes `<prefix>.model` and `<prefix>.vocab`.
+
+    Returns the `.model` path. Raises TokenizerError for a vocabulary the corpus cannot
+    fill or an empty corpus.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram", "char", "word"):
+        raise TokenizerError(f"model_type must be one of bpe, unigram, char, word; got {model_type!r}")
+    minimum = _NUM_SPECIAL + (_NUM_BYTE_PIECES if byte_fallback else 0) + 1
+    if vocab_size < minimum:
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is too small: at least {minimum} with "
+            f"byte_fallback={byte_fallback}"
+        )
+    lines = list(lines)
+    if not lines:
+        raise TokenizerError("no training text: the inputs contain no non-empty lines")
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=1 << 14,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TokenizerError(f"sentencepiece training failed: {message}") from None
+    model_path = output_prefix.with_name(output_prefix.name + ".model")
+    model_path.write_bytes(model.getvalue())
+    tokenizer = SentencePieceTokenizer(model_path)
+    vocab_path = output_prefix.with_name(output_prefix.name + ".vocab")
+    with open(vocab_path, "w", encoding="utf-8") as handle:
+        for piece_id in range(tokenizer.vocab_size):
+            handle.write(f"{tokenizer._sp.IdToPiece(piece_id)}\t{tokenizer._sp.GetScore(piece_id)}\n")
+    return model_path
