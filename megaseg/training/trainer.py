@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -279,9 +278,9 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
 def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, list[float]]:
     """Mean NLL (and per segment) over the first eval_iters global batches of ``dataset``.
 
-    Always the same samples, so validation losses are comparable across the run. One
-    forward over the whole sequence is the training forward (segmented execution is
-    exact under any split into calls).
+    Always the same samples, so validation losses are comparable across the run. Segments
+    are run one call each with the carried state (segmented execution gives the training
+    forward's logits under any split into calls), so memory is that of one segment.
     """
     from megaseg.megatron.model import segment_forward
 
@@ -292,15 +291,14 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
     try:
         for it in range(cfg.eval_iters):
             for tokens_BT, labels_BT in rank_microbatches(dataset, it * cfg.global_batch_size, cfg):
-                with autocast_context(bf16):
-                    logits_BTV, _ = segment_forward(model, tokens_BT, None)
-                nll_BT = torch.nn.functional.cross_entropy(
-                    logits_BTV.float().transpose(1, 2), labels_BT, ignore_index=-100, reduction="none"
-                )
+                states = None
                 for i in range(n_seg):
-                    lab = labels_BT[:, i * S : (i + 1) * S]
-                    seg_sum[i] += float(nll_BT[:, i * S : (i + 1) * S].sum())
-                    seg_count[i] += float((lab != -100).sum())
+                    with autocast_context(bf16):
+                        logits_BLV, states = segment_forward(model, tokens_BT[:, i * S : (i + 1) * S], states)
+                    labels_BL = labels_BT[:, i * S : (i + 1) * S]
+                    seg_sum[i] += float(torch.nn.functional.cross_entropy(
+                        logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100, reduction="sum"))
+                    seg_count[i] += float((labels_BL != -100).sum())
     finally:
         model.train()
     reduced = _all_reduce_sum(seg_sum + seg_count)
