@@ -1,0 +1,31 @@
+"""megaseg: segmented-attention pretraining on megatron-core."""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="megaseg",
+    version="0.1.0",
+    description="Segmented-attention long-context pretraining on megatron-core",
+    python_requires=">=3.11",
+    packages=find_namespace_packages(include=["megaseg", "megaseg.*"], exclude=["*.__pycache__"]),
+    install_requires=[
+        # Any CUDA build on GPU machines; requirements.txt pins the CPU build CI runs on.
+        "torch>=2.4",
+        # The CPU compatibility layer patches internals of exactly this release.
+        "megatron-core==0.16.1",
+        "sentencepiece",
+        "tensorboard",
+        "safetensors",
+        # dist_checkpointing save imports it without declaring it.
+        "psutil",
+        "pyyaml",
+        "numpy",
+    ],
+    extras_require={
+        "hf": ["transformers"],
+        "test": ["pytest", "transformers"],
+        # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
+        # implementations, and apex is built from source rather than installed from PyPI.
+        "gpu": ["transformer-engine", "triton", "deepspeed"],
+    },
+)
