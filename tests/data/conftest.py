@@ -29,6 +29,16 @@ def run_tool(name: str, *args: str):
     )
 
 
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (to call its main() in this process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"megaseg_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def small_corpus():
     """Five long stdlib source files (deterministic)."""

@@ -7,7 +7,7 @@ import pytest
 from megaseg.data.corpus import write_jsonl
 from megaseg.data.preprocess import DataError, check_input, preprocess_jsonl
 
-from .conftest import ASCII_DOCS, run_tool
+from .conftest import ASCII_DOCS, load_tool, run_tool
 
 
 def _read_back(prefix):
@@ -71,14 +71,16 @@ def _jsonl(path, lines):
     return str(path)
 
 
-def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer):
+def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer, capsys):
     data = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in ASCII_DOCS])
-    done = run_tool(
-        "preprocess_data", "--input", data, "--json-keys", "text", "--tokenizer-model", str(tokenizer.model_path),
+    tool = load_tool("preprocess_data")
+    status = tool.main([
+        "--input", data, "--json-keys", "text", "--tokenizer-model", str(tokenizer.model_path),
         "--output-prefix", str(tmp_path / "o"), "--append-eod", "--workers", "2",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert f"text: {len(ASCII_DOCS)} documents" in done.stdout
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    assert f"text: {len(ASCII_DOCS)} documents" in out
     stored, _ = _read_back(str(tmp_path / "o_text_document"))
     assert stored == [tokenizer.tokenize(t) + [tokenizer.eod] for t in ASCII_DOCS]
 
