@@ -36,8 +36,8 @@ except ImportError:  # run from a clone without installing
 # fallbacks are what runs on CPU, so the warning is noise here.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", module=r"megatron\.")
-# torch.distributed.checkpoint deprecation notices raised from inside dist_checkpointing.
-warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
+# torch.distributed deprecation notices for APIs that megatron-core 0.16.1 calls.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
 
 from megaseg.config import ConfigError  # noqa: E402
 from megaseg.training.arguments import PretrainConfig, parse_args  # noqa: E402

@@ -45,6 +45,7 @@ class LoadedCheckpoint:
     iteration: int
     consumed_train_samples: int
     args: dict[str, Any]
+    rng_restored: bool  # False when not asked for, or saved under another TP/PP layout
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -122,6 +123,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def parallel_layout() -> dict[str, int]:
+    """The model-parallel layout RNG states are tied to (they are per TP/PP rank)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+    }
+
+
 def _sharded_rng(state):
     """RNG states as a ShardedObject: one per (pipeline, tensor) rank, replicated over DP."""
     from megatron.core import parallel_state as ps
@@ -184,6 +195,7 @@ def save_checkpoint(
         consumed_train_samples=consumed_train_samples,
         args=args,
         model_config=model_config,
+        parallel_layout=parallel_layout(),
     )
     dist_checkpointing.save(sd, tmp)
     _barrier()
@@ -350,11 +362,15 @@ def load_checkpoint(
     ``path`` is a save directory (its tracker names the checkpoint) or one iter_* directory;
     the checkpoint is verified against its manifest (`locate_checkpoint`) first.
 
+    Weights and optimizer state reshard to this run's tensor-parallel size (dist_checkpointing);
+    RNG states are per rank, so they are restored only under the layout they were saved with.
+
     Collective. Raises CheckpointError (one line, names the file) for a damaged checkpoint
     or one whose model configuration differs from ``model_config``.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     directory = locate_checkpoint(path, allow_missing)
     if directory is None:
@@ -371,13 +387,13 @@ def load_checkpoint(
         more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
         raise CheckpointError(f"{common_path}: checkpoint is for a different model: {'; '.join(diffs[:4])}{more}")
 
+    load_rng = load_rng and common.get("parallel_layout") == parallel_layout()
     sd = _sharded_state_dict(model, optimizer, scheduler, is_loading=True,
                              with_optimizer=load_optimizer, with_rng=load_rng)
     try:
         state = dist_checkpointing.load(sd, directory)
-    except (CheckpointingException, RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"{directory}: cannot be loaded into this model ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+    except (CheckpointingException, CheckpointException, RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"{directory}: cannot be loaded into this model ({_describe(exc)})") from None
 
     from megatron.core.utils import unwrap_model
 
@@ -393,7 +409,18 @@ def load_checkpoint(
         iteration=int(state["iteration"]),
         consumed_train_samples=int(state["consumed_train_samples"]),
         args=dict(state.get("args") or {}),
+        rng_restored=load_rng,
     )
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception; for torch's per-rank CheckpointException, rank 0's cause."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, cause = sorted(failures.items())[0]
+        cause = getattr(cause, "exc", cause)  # a wrapped remote exception keeps the original here
+        return f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

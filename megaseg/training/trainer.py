@@ -359,6 +359,9 @@ def pretrain(
             if cfg.no_load_optim:
                 scheduler.step(increment=iteration * cfg.global_batch_size)
             say(f"resumed from {loaded.path}: iteration {iteration}, {consumed} samples consumed")
+            if not loaded.rng_restored and not cfg.no_load_rng:
+                say("RNG states not restored: the checkpoint was saved with another tensor/pipeline-parallel "
+                    "layout (weights and optimizer state were resharded)")
     start_iteration = iteration
     if iteration >= cfg.train_iters:
         say(f"already trained to iteration {iteration} (train_iters={cfg.train_iters}); nothing to do")
