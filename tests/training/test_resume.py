@@ -160,3 +160,22 @@ def test_load_from_a_missing_directory_fails_unless_it_is_the_save_directory(mod
         _run(tiny_config(tmp_path, train_iters=1, lr_warmup_iters=0, load=str(tmp_path / "nope")))
     result = _run(tiny_config(tmp_path, train_iters=1, lr_warmup_iters=0, load=str(tmp_path / "ckpt")))
     assert result.start_iteration == 0 and result.iteration == 1
+
+
+def _lrs(log):
+    return [float(line.split("| lr ")[1].split()[0]) for line in log.getvalue().splitlines()
+            if line.startswith("iteration")]
+
+
+def test_no_load_optim_keeps_weights_position_and_schedule_but_fresh_optimizer(model_parallel, tmp_path):
+    straight_log = io.StringIO()
+    cfg = tiny_config(train_iters=4, lr_decay_iters=4)
+    straight = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, VALID, out=straight_log)
+    _run(tiny_config(tmp_path, train_iters=2, lr_decay_iters=4))
+    log = io.StringIO()
+    cfg = tiny_config(train_iters=4, lr_decay_iters=4, load=str(tmp_path / "ckpt"), no_load_optim=True)
+    fresh = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, VALID, out=log)
+    assert fresh.start_iteration == 2
+    assert _lrs(log) == _lrs(straight_log)[2:] == pytest.approx([7.75e-3, 3.25e-3])  # the schedule continues
+    assert fresh.losses[0] == straight.losses[2]  # same weights and batch: the first loss is identical
+    assert fresh.losses[1] != straight.losses[3]  # ... but Adam restarted from zero moments
