@@ -95,13 +95,13 @@ class PretrainConfig:
     default_data_dir: str = _f("data/default", "where the default dataset is prepared when no data_path is given", "data")
     split: str = _f("98,2,0", "train,valid,test split of the data", "data")
     tokenizer_model: str | None = _f(None, "sentencepiece model (default: the default dataset's)", "data")
-    data_cache_path: str | None = _f(None, "where dataset index caches go (default: next to the data)", "data")
+    data_cache_path: str | None = _f(None, "where dataset index caches go (default: in memory, rebuilt each run)", "data")
 
     # ---- checkpointing ----------------------------------------------------------------------
     save: str | None = _f("runs/default/checkpoints", "checkpoint directory to save to ('none' = never)", "checkpointing")
     save_interval: int | None = _f(50, "save every N steps (and at the end)", "checkpointing")
     load: str | None = _f(None, "checkpoint directory (or one iter_* folder) to resume from", "checkpointing")
-    no_load_optim: bool = _f(False, "load model weights only, not optimizer/scheduler state", "checkpointing")
+    no_load_optim: bool = _f(False, "fresh optimizer state (weights, data position and LR schedule still resume)", "checkpointing")
     no_load_rng: bool = _f(False, "do not restore RNG states", "checkpointing")
 
     # ---- logging and validation ---------------------------------------------------------
@@ -347,17 +347,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         typ, optional, is_list = _base_type(_hints()[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{meta['help']} (default: {default})"
+        help_text = meta["help"] if "(default" in meta["help"] else f"{meta['help']} (default: {default})"
         names = [flag(f.name)]
         if f.name == "config":
             names.append("--yaml-cfg")
-        if typ is bool:
+        if typ is bool and f.name.startswith("no_"):
+            group.add_argument(*names, dest=f.name, action="store_const", const=True, help=help_text)
+        elif typ is bool:
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif is_list:
-            group.add_argument(*names, dest=f.name, nargs="*", type=str, help=help_text)
+            group.add_argument(*names, dest=f.name, nargs="*", type=str, help=help_text, metavar=typ.__name__.upper())
+        elif meta["choices"]:
+            group.add_argument(*names, dest=f.name, type=str, choices=meta["choices"], help=help_text)
         else:
-            group.add_argument(*names, dest=f.name, type=str, choices=meta["choices"], help=help_text,
-                               metavar=typ.__name__.upper())
+            group.add_argument(*names, dest=f.name, type=str, help=help_text, metavar=typ.__name__.upper())
     return parser
 
 
