@@ -90,7 +90,6 @@ def test_bfloat16_import_casts_every_weight_once(tmp_path):
 
 @pytest.mark.parametrize("style", ["llama2", "llama3"])
 def test_import_at_tp2_pp2_then_export_gives_the_same_weights(tmp_path, style):
-    pytest.importorskip("megaseg.megatron.convert")
     hf = hf_llama(style, seed=4, num_layers=4)
     hf.save_pretrained(tmp_path / "hf")
     import_hf_checkpoint(tmp_path / "hf", tmp_path / "ms", SegmentConfig(S, 8, 8, 1), _plan(hf, (1, 2)),

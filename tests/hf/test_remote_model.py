@@ -89,3 +89,24 @@ def test_plain_export_loads_in_stock_transformers_without_remote_code(exported):
     ids = torch.randint(0, model.config.vocab_size, (1, 4 * S), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(stock(ids).logits, hf_llama("llama3", seed=5)(ids).logits)
+
+
+def test_beam_search_reorders_the_segmented_cache_like_a_kv_cache(exported):
+    model, root = exported
+    remote = AutoModelForCausalLM.from_pretrained(root / "out", trust_remote_code=True)
+    plain = hf_llama("llama3", seed=5)
+    prompt = torch.randint(3, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(3))
+    # Prompt + new tokens stay within one segment, where segmented attention is full attention.
+    kw = dict(max_new_tokens=S - 4, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(remote.generate(prompt, **kw), plain.generate(prompt, **kw))
+
+
+def test_labels_give_the_mean_next_token_loss(exported):
+    model, root = exported
+    remote = AutoModelForCausalLM.from_pretrained(root / "out", trust_remote_code=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3 * S), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits, _ = model(ids)
+        loss = remote(ids, labels=ids).loss
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(loss.item() - want.item()) <= 1e-5
