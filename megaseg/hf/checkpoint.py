@@ -160,7 +160,7 @@ def save_checkpoint(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.T
     out = Path(out_dir)
     sd = check_weights(state_dict, cfg, str(out))
     _check_parallel(cfg, tp_size, pp_size)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     if tp_size * pp_size == 1:
         save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     else:
@@ -171,6 +171,27 @@ def save_checkpoint(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.T
     if tokenizer_from is not None:
         copy_tokenizer_files(tokenizer_from, out)
     return out
+
+
+_FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def prepare_output_dir(out: Path, replace: tuple[str, ...] = (WEIGHTS_NAME,)) -> None:
+    """Create ``out``; a previous megaseg checkpoint's weights there are replaced, anything
+    else that looks like weights is refused (so a source directory is never overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    ours = (out / CONFIG_NAME).is_file()
+    stale = [p for p in out.glob("*.safetensors") if not (ours and p.name in replace)] if out.is_dir() else []
+    stale += [p for pattern in _FOREIGN_WEIGHTS for p in out.glob(pattern)] if out.is_dir() else []
+    if stale:
+        raise CheckpointError(f"{out}: already holds weights ({stale[0].name}); choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if ours:
+        for shard in out.glob(f"mp_rank_*/{WEIGHTS_NAME}"):
+            shard.unlink()
+        for name in replace:
+            (out / name).unlink(missing_ok=True)
 
 
 def read_checkpoint(path: str | os.PathLike, weights: bool = True):

@@ -76,10 +76,28 @@ def export_hf_checkpoint(
     return cfg
 
 
+def _check_export_dir(out: Path) -> None:
+    """Only an empty directory or a previous megaseg export may be written over."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if not out.is_dir():
+        return
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.index.json") for p in sorted(out.glob(pattern))]
+    if not weights:
+        return
+    try:
+        previous = "megaseg" in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        previous = False
+    if not previous or any(p.name != "model.safetensors" for p in weights):
+        raise CheckpointError(f"{out}: already holds weights ({weights[0].name}); choose an empty or new directory")
+
+
 def write_hf_directory(out_dir, state_dict, cfg: ModelConfig, hf: dict | None = None, segmented: bool = True) -> Path:
     """Weights, config.json, generation_config.json and (segmented) the modeling code."""
     out = Path(out_dir)
     sd = check_weights(state_dict, cfg, str(out))
+    _check_export_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})

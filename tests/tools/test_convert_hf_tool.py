@@ -97,3 +97,17 @@ def test_truncated_megaseg_checkpoint_is_a_one_line_error(tmp_path, hf_dir, caps
     sd = load_file(str(tmp_path / "ms" / "model.safetensors"))
     save_file({k: v for k, v in sd.items() if k != "model.norm.weight"}, str(tmp_path / "ms" / "model.safetensors"))
     _one_line_error(capsys, ["export", str(tmp_path / "ms"), str(tmp_path / "out")], "missing tensor model.norm.weight")
+
+
+def test_never_writes_over_other_weights_but_replaces_its_own(tmp_path, hf_dir, capsys):
+    argv = ["import", str(hf_dir), str(tmp_path / "ms"), "--segment-length", "16", "--tail-length", "4"]
+    assert convert.main(argv + ["--tp", "2"]) == 0
+    assert convert.main(argv) == 0  # re-import with another layout: the old shards go
+    assert not list((tmp_path / "ms").glob("mp_rank_*/*.safetensors"))
+    read_checkpoint(tmp_path / "ms")  # the single-file layout is complete
+    assert convert.main(["export", str(tmp_path / "ms"), str(tmp_path / "out")]) == 0
+    assert convert.main(["export", str(tmp_path / "ms"), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["export", str(tmp_path / "ms"), str(hf_dir)], "already holds weights (model.safetensors)")
+    _one_line_error(capsys, ["import", str(hf_dir), str(hf_dir), "--segment-length", "16", "--tail-length", "4"],
+                    "already holds weights")
