@@ -197,19 +197,21 @@ class SegmentedAttention(torch.nn.Module):
             )
             first_full = 1
         if n_seg > first_full:
-            # Whole segments, batched; the last is padded to S (pads are never attended).
+            # Whole segments, batched; with several, the last is padded to S (pads are
+            # never attended). A lone short segment runs at its own length.
             start = first_full * S
             n = n_seg - first_full
-            pad = n * S - (total - start)
+            width = S if n > 1 else total - start
+            pad = n * width - (total - start)
             qs, ks, vs = q[:, start - j :], k[:, start:], v[:, start:]
             if pad:
                 qs, ks, vs = (_pad_dim(t, 1, t.shape[1] + pad) for t in (qs, ks, vs))
             o = self._attend(
-                qs.reshape(B, n, S, h, D), ks.reshape(B, n, S, -1, D), vs.reshape(B, n, S, -1, D),
+                qs.reshape(B, n, width, h, D), ks.reshape(B, n, width, -1, D), vs.reshape(B, n, width, -1, D),
                 None if pre_k is None else pre_k[:, first_full:], None if pre_v is None else pre_v[:, first_full:],
                 pre_len[first_full:], 0,
             )
-            pieces.append(o.reshape(B, n * S, h, D)[:, : n * S - pad])
+            pieces.append(o.reshape(B, n * width, h, D)[:, : n * width - pad])
         return torch.cat([p.reshape(B, -1, h, D) for p in pieces], 1) if len(pieces) > 1 else pieces[0].reshape(B, L, h, D)
 
     def _attend(self, q_BNQhD, k_BNKgD, v_BNKgD, pre_k, pre_v, pre_len_N, q_offset):
@@ -230,13 +232,6 @@ class SegmentedAttention(torch.nn.Module):
             pre_pos = torch.arange(P, device=dev).expand(N, P)
             k_rot = torch.cat([self.rotary(pre_k, pre_pos), k_rot], 2)
             v_cat = torch.cat([pre_v, v_BNKgD], 2)
-        qpos = torch.arange(q_offset, q_offset + Q, device=dev)
-        causal_QK = torch.arange(K, device=dev)[None, :] <= qpos[:, None]
-        if P:
-            pre_ok_NP = torch.arange(P, device=dev)[None, :] < pre_len_N[:, None]
-            mask = torch.cat([pre_ok_NP[:, None, :].expand(N, Q, P), causal_QK.expand(N, Q, K)], 2)
-        else:
-            mask = causal_QK.expand(N, Q, K)
         # [B*N, heads, tokens, D] for scaled_dot_product_attention.
         qf = q_rot.reshape(B * N, Q, h, D).transpose(1, 2)
         kf = k_rot.reshape(B * N, P + K, g, D).transpose(1, 2)
@@ -244,6 +239,13 @@ class SegmentedAttention(torch.nn.Module):
         if P == 0 and q_offset == 0 and Q == K:
             o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=h != g)
         else:
+            qpos = torch.arange(q_offset, q_offset + Q, device=dev)
+            causal_QK = torch.arange(K, device=dev)[None, :] <= qpos[:, None]
+            if P:
+                pre_ok_NP = torch.arange(P, device=dev)[None, :] < pre_len_N[:, None]
+                mask = torch.cat([pre_ok_NP[:, None, :].expand(N, Q, P), causal_QK.expand(N, Q, K)], 2)
+            else:
+                mask = causal_QK.expand(N, Q, K)
             m = mask.unsqueeze(0).expand(B, N, Q, P + K).reshape(B * N, 1, Q, P + K)
             o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=m, enable_gqa=h != g)
         return o.transpose(1, 2).reshape(B, N, Q, h, D)
