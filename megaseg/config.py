@@ -14,6 +14,8 @@ RETRIEVAL = "retrieval"
 SEGMENT = "segment"
 MODES = (LOCAL, RETRIEVAL, SEGMENT)
 
+GROUP_REDUCTIONS = ("sum", "max")
+
 # LLaMA2-7B long-range layers from the paper (0-based layer indices).
 PAPER_LLAMA2_7B_LONG_RANGE_LAYERS = (6, 8, 11, 18)
 
@@ -34,12 +36,15 @@ class SegmentConfig:
     tail_length     M: carried KV tail of the previous segment for `local` heads, 0 <= M <= S.
     retrieval_length R: retrieved prefix for `retrieval` heads (top-R pool tokens), R >= 0.
     tbptt_k         K: segments a loss reaches back through the carried tails (0 = detach all).
+    retrieval_group_reduce: how the query heads of one KV group combine their scores of a
+                    pool key (SEMANTICS §4 choice): "sum" (default) or "max".
     """
 
     segment_length: int = 4096
     tail_length: int = 512
     retrieval_length: int = 512
     tbptt_k: int = 1
+    retrieval_group_reduce: str = "sum"
 
     def __post_init__(self):
         for name in ("segment_length", "tail_length", "retrieval_length", "tbptt_k"):
@@ -60,6 +65,8 @@ class SegmentConfig:
             _fail("retrieval_length", self.retrieval_length, "must be >= 0")
         if self.tbptt_k < 0:
             _fail("tbptt_k", self.tbptt_k, "must be >= 0 (0 detaches every tail)")
+        if self.retrieval_group_reduce not in GROUP_REDUCTIONS:
+            _fail("retrieval_group_reduce", self.retrieval_group_reduce, f"allowed: {GROUP_REDUCTIONS}")
 
     @property
     def max_prefix(self) -> int:

@@ -21,15 +21,16 @@ def rotate(x_D: torch.Tensor, pos: int, inv_freq: torch.Tensor) -> torch.Tensor:
     return x_D * cos + rot * sin
 
 
-def retrieved_tokens(q_THD, k_TGD, group, hpg, seg_index, S, R):
+def retrieved_tokens(q_THD, k_TGD, group, hpg, seg_index, S, R, reduce="sum"):
     """Token indices of R_{i-1} for segment ``seg_index`` in original order (§4)."""
     end = seg_index * S - 1
-    q_sum = q_THD[end, group * hpg : (group + 1) * hpg].double().sum(0)
-    scores = [(-(q_sum @ k_TGD[t, group].double()).item(), t) for t in range(seg_index * S)]
+    heads = q_THD[end, group * hpg : (group + 1) * hpg].double()
+    combine = (lambda s: s.sum()) if reduce == "sum" else (lambda s: s.max())
+    scores = [(-combine(heads @ k_TGD[t, group].double()).item(), t) for t in range(seg_index * S)]
     return sorted(t for _, t in sorted(scores)[:R])
 
 
-def naive_layer(q_BTHD, k_BTGD, v_BTGD, modes, S, M, R, inv_freq):
+def naive_layer(q_BTHD, k_BTGD, v_BTGD, modes, S, M, R, inv_freq, reduce="sum"):
     B, T, H, D = q_BTHD.shape
     G = k_BTGD.shape[2]
     hpg = H // G
@@ -45,7 +46,7 @@ def naive_layer(q_BTHD, k_BTGD, v_BTGD, modes, S, M, R, inv_freq):
                 elif mode == "local":
                     prefix = list(range(i * S - M, i * S))
                 else:
-                    prefix = retrieved_tokens(q_BTHD[b], k_BTGD[b], g, hpg, i, S, R)
+                    prefix = retrieved_tokens(q_BTHD[b], k_BTGD[b], g, hpg, i, S, R, reduce)
                 P = len(prefix)
                 keys = prefix + list(range(i * S, a + 1))
                 pos = list(range(P)) + [P + t for t in range(j + 1)]

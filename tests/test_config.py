@@ -16,6 +16,7 @@ from megaseg.config import (
         (dict(retrieval_length=-2), "retrieval_length=-2 is invalid: must be >= 0"),
         (dict(tbptt_k=-1), "tbptt_k=-1 is invalid: must be >= 0"),
         (dict(segment_length=8.0), "segment_length=8.0 is invalid: must be an integer"),
+        (dict(retrieval_group_reduce="mean"), "retrieval_group_reduce='mean' is invalid: allowed: ('sum', 'max')"),
     ],
 )
 def test_segment_config_rejects(kwargs, message):

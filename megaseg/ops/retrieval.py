@@ -33,22 +33,31 @@ def select_top_r(scores_BGCT: torch.Tensor, valid_len_C: torch.Tensor, r: int) -
 
 @torch.no_grad()
 def retrieve(
-    query_end_BCGD: torch.Tensor,
+    query_end_BCGHD: torch.Tensor,
     pool_k_BTGD: torch.Tensor,
     pool_v_BTGD: torch.Tensor,
     valid_len_C: torch.Tensor,
     r: int,
+    group_reduce: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Retrieve R_{i-1} for C segment boundaries at once.
 
-    query_end_BCGD: the segment-end query of each boundary, summed over the query heads of
-        each KV group (sum of per-head dot products = dot product with the summed query).
+    query_end_BCGHD: the un-rotated segment-end query of each boundary, per KV group and
+        query head of the group (H here: heads per group).
     pool_*_BTGD:    un-rotated pool keys/values; row c may use the first valid_len_C[c].
+    group_reduce:   "sum" adds the heads' scores (one dot product with the summed query),
+        "max" takes the largest head score.
     Returns keys and values [B, C, R', G, D] (detached, original order) and the number of
     valid retrieved tokens per row [C] (= min(r, valid_len_C)).
     """
-    dtype = torch.promote_types(query_end_BCGD.dtype, torch.float32)
-    scores = torch.einsum("bcgd,btgd->bgct", query_end_BCGD.to(dtype), pool_k_BTGD.to(dtype))
+    dtype = torch.promote_types(query_end_BCGHD.dtype, torch.float32)
+    q, k = query_end_BCGHD.to(dtype), pool_k_BTGD.to(dtype)
+    if group_reduce == "sum":
+        scores = torch.einsum("bcgd,btgd->bgct", q.sum(3), k)
+    elif group_reduce == "max":
+        scores = torch.einsum("bcghd,btgd->bghct", q, k).amax(2)
+    else:
+        raise ValueError(f"group_reduce={group_reduce!r}: allowed 'sum', 'max'")
     idx_BGCR = select_top_r(scores, valid_len_C, r)
     b, g, c, rk = idx_BGCR.shape
     d = pool_k_BTGD.shape[-1]

@@ -127,14 +127,16 @@ class SegmentedAttention(torch.nn.Module):
         # Segment-end queries: last token of each closed segment (index in the run's queries).
         ends = torch.arange(1, closed + 1, device=q_BLHD.device) * S - 1 - j
         q_end = q_BLHD.index_select(1, ends).index_select(2, self._retrieval_heads)
-        q_end_BCGD = q_end.reshape(B, closed, len(self.groups[RETRIEVAL]), self.hpg, D).sum(3)
+        q_end_BCGHD = q_end.reshape(B, closed, len(self.groups[RETRIEVAL]), self.hpg, D)
         new_k = k_all[:, : closed * S].index_select(2, gidx).detach()
         new_v = v_all[:, : closed * S].index_select(2, gidx).detach()
         pool_k = torch.cat([state.pool_k, new_k], 1) if state.pool_k is not None else new_k
         pool_v = torch.cat([state.pool_v, new_v], 1) if state.pool_v is not None else new_v
         before = state.pool_k.shape[1] if state.pool_k is not None else 0
         valid_len = before + torch.arange(1, closed + 1, device=q_BLHD.device) * S
-        keys, values, count = retrieve(q_end_BCGD, pool_k, pool_v, valid_len, R)
+        keys, values, count = retrieve(
+            q_end_BCGHD, pool_k, pool_v, valid_len, R, self.segment.retrieval_group_reduce
+        )
         return keys, values, count, pool_k, pool_v
 
     def _prefixes(self, mode, k_all, v_all, state, n_seg, ret, gidx):

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from megaseg.config import ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
+from megaseg.config import GROUP_REDUCTIONS, ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 HEAD_PLAN_PRESETS = ("local", "prior", "contiguous", "interleaved", "paper-llama2-7b")
@@ -58,6 +58,8 @@ class PretrainConfig:
     tail_length: int = _f(64, "M: carried KV tail of `local` heads", "segment")
     retrieval_length: int = _f(64, "R: retrieved prefix of `retrieval` heads (0 when none)", "segment")
     tbptt_k: int = _f(1, "K: segments a loss backpropagates through (0 = detach every tail)", "segment")
+    retrieval_group_reduce: str = _f("sum", "how a KV group's query heads combine retrieval scores", "segment",
+                                     GROUP_REDUCTIONS)
     head_plan_preset: str = _f("interleaved", "how long-range heads are chosen", "segment", HEAD_PLAN_PRESETS)
     long_range_layers: list[int] = _f([1, 3], "0-based layers whose long-range heads retrieve", "segment")
     num_long_range_heads: int = _f(1, "long-range KV groups per layer (contiguous/interleaved presets)", "segment")
@@ -219,7 +221,8 @@ class PretrainConfig:
             rms_norm_eps=self.norm_epsilon,
             tie_word_embeddings=not self.untie_embeddings_and_output_weights,
             rope=RopeConfig(theta=self.rotary_base),
-            segment=SegmentConfig(self.segment_length, self.tail_length, self.retrieval_length, self.tbptt_k),
+            segment=SegmentConfig(self.segment_length, self.tail_length, self.retrieval_length, self.tbptt_k,
+                                  self.retrieval_group_reduce),
             head_plan=self.head_plan(),
         )
 

@@ -30,15 +30,28 @@ def test_select_top_r_is_exact_with_ties_and_in_original_order(seed):
 def test_retrieve_scores_with_summed_group_queries_and_counts():
     g = torch.Generator().manual_seed(0)
     B, C, T, G, D, r = 1, 2, 10, 1, 4, 3
-    q = torch.randn(B, C, G, D, generator=g, dtype=torch.float64)
+    q = torch.randn(B, C, G, 1, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, T, G, D, generator=g, dtype=torch.float64)
     v = torch.randn(B, T, G, D, generator=g, dtype=torch.float64)
     valid = torch.tensor([2, 10])
     keys, values, count = retrieve(q, k, v, valid, r)
     assert count.tolist() == [2, 3]
     for c in range(C):
-        scores = (k[0, :, 0] @ q[0, c, 0]).tolist()
+        scores = (k[0, :, 0] @ q[0, c, 0, 0]).tolist()
         want = _brute(scores, int(valid[c]), r)
         torch.testing.assert_close(keys[0, c, : len(want), 0], k[0, want, 0])
         torch.testing.assert_close(values[0, c, : len(want), 0], v[0, want, 0])
     assert not keys.requires_grad
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_group_heads_combine_by_sum_or_max(reduce):
+    g = torch.Generator().manual_seed(1)
+    B, C, T, G, H, D, r = 1, 1, 12, 2, 3, 4, 4
+    q = torch.randn(B, C, G, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, G, D, generator=g, dtype=torch.float64)
+    keys, _, _ = retrieve(q, k, k, torch.tensor([T]), r, reduce)
+    for gg in range(G):
+        per_head = k[0, :, gg] @ q[0, 0, gg].T  # [T, H]
+        scores = (per_head.sum(1) if reduce == "sum" else per_head.amax(1)).tolist()
+        torch.testing.assert_close(keys[0, 0, :, gg], k[0, _brute(scores, T, r), gg])

@@ -19,8 +19,8 @@ def _qkv(B, T, H, G, D, seed, dtype=torch.float64):
     return q, k, v
 
 
-def _op(modes, S, M, R, D=8, hpg=2, rope=RopeConfig(theta=500.0)):
-    return SegmentedAttention(modes, SegmentConfig(S, M, R, 1), rope, D, hpg)
+def _op(modes, S, M, R, D=8, hpg=2, rope=RopeConfig(theta=500.0), reduce="sum"):
+    return SegmentedAttention(modes, SegmentConfig(S, M, R, 1, reduce), rope, D, hpg)
 
 
 @pytest.mark.parametrize("T", [1, 5, 16])
@@ -38,7 +38,7 @@ def test_sequence_within_one_segment_is_causal_sdpa(T):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_operator_matches_naive_semantics(seed):
     rng = random.Random(seed)
     S = rng.choice([4, 5, 8])
@@ -47,10 +47,11 @@ def test_operator_matches_naive_semantics(seed):
     G, hpg, D = rng.choice([(3, 2, 4), (2, 1, 6), (4, 2, 4)])
     modes = tuple(rng.choice(MODES) for _ in range(G))
     T = rng.randint(2 * S + 1, 4 * S - 1)  # uneven last segment, several boundaries
-    op = _op(modes, S, M, R, D, hpg)
+    reduce = ("sum", "max")[seed % 2]
+    op = _op(modes, S, M, R, D, hpg, reduce=reduce)
     q, k, v = _qkv(2, T, G * hpg, G, D, seed)
     out, _ = op(q, k, v)
-    ref = naive_layer(q, k, v, modes, S, M, R, inv_frequencies(RopeConfig(theta=500.0), D))
+    ref = naive_layer(q, k, v, modes, S, M, R, inv_frequencies(RopeConfig(theta=500.0), D), reduce)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 
