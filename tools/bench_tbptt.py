@@ -8,7 +8,10 @@ which is causal ``scaled_dot_product_attention`` over all T tokens (SEMANTICS §
 Peak memory: every (kind, T) point runs in a fresh subprocess. After building the model,
 the tokens and one warm-up step (gradient buffers stay allocated), the process resets
 its resident-set high-water mark (Linux ``/proc/self/clear_refs``) and records the
-current RSS; the step's peak memory is ``VmHWM - RSS before the step``. Time is the wall
+current RSS; the step's peak memory is ``VmHWM - RSS before the step``. glibc's mmap
+threshold is fixed (MALLOC_MMAP_THRESHOLD_) so that large freed blocks go back to the
+system instead of being kept in the heap, which would make RSS a record of the allocator's
+history rather than of live tensors. Time is the wall
 clock of the fastest of ``--repeats`` steps (the least disturbed by other load). The pair of kinds for one T runs back to back, so the ratios
 compare like with like on a shared machine.
 
@@ -114,8 +117,9 @@ def main():
     for T in args.lengths:
         pair = {}
         for kind in ("tbptt", "full"):
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             out = subprocess.run([sys.executable, __file__, *base, "--point", kind, str(T)],
-                                 capture_output=True, text=True, check=False)
+                                 capture_output=True, text=True, check=False, env=env)
             if out.returncode:
                 raise SystemExit(f"point {kind} T={T} failed:\n{out.stderr[-2000:]}")
             pair[kind] = json.loads(out.stdout.strip().splitlines()[-1])
