@@ -4,7 +4,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny tensors: one intra-op thread avoids sync overhead on a shared machine."""
+    """Tiny tensors everywhere in the suite: one intra-op thread avoids sync overhead."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
