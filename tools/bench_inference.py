@@ -2,11 +2,10 @@
 
 For each prompt length T the same Llama-shaped model (same weights, same tokens) is run
 (a) by the inference engine with segmented attention (S, M, R and the head plan as given;
-prefill in segment-aligned chunks) and (b) as full attention: the identical model with one
-segment covering the prompt and a tail of the whole segment (S = M = T), i.e. one causal
-``scaled_dot_product_attention`` over the T tokens and a KV cache of all T tokens
-(SEMANTICS §7). Decode then appends tokens to that state: for full attention every new
-token attends to the whole cache.
+prefill in segment-aligned chunks) and (b) as full attention by stock transformers'
+``LlamaForCausalLM`` with the same weights: ``scaled_dot_product_attention`` (the causal
+kernel) over all T tokens and a ``DynamicCache`` holding the KV of every token. Decode then
+appends tokens to that state: for full attention every new token attends to the whole cache.
 
 Peak memory: every (kind, T) point runs in a fresh subprocess with glibc's mmap threshold
 fixed (``MALLOC_MMAP_THRESHOLD_``), so every large tensor is its own mapping and freeing it
