@@ -122,6 +122,24 @@ class BatchState:
         return {"bounded": bounded, "pool": pool}
 
 
+class _GroupedLayer:
+    """One layer's slice of a BatchState, passed to the model as that layer's state.
+
+    ``attend`` calls the segmented core once per group of rows at equal position and
+    updates each group's state in place; all other ops of the layer stay batched.
+    """
+
+    def __init__(self, groups: Sequence[SequenceGroup], layer: int):
+        self.groups, self.layer = groups, layer
+
+    def attend(self, core, q_BLHD, k_BLGD, v_BLGD):
+        out = torch.empty_like(q_BLHD)
+        for g in self.groups:
+            o, g.states[self.layer] = core(q_BLHD[g.rows], k_BLGD[g.rows], v_BLGD[g.rows], g.states[self.layer])
+            out[g.rows] = o
+        return out, self
+
+
 def _drain(items: list):
     """Yield and drop the items of a list, so that the caller holds no reference to them."""
     while items:
@@ -251,32 +269,21 @@ class InferenceEngine:
     def decode(self, tokens_B: torch.Tensor, state: BatchState) -> torch.Tensor:
         """Append one token per row; returns its logits [B, V] and updates ``state`` in place.
 
-        Mirrors ``DecoderLayer``/``Attention.forward`` of the reference model with the
-        attention core called per group of equal position; every other op is batched.
+        The reference model's own forward runs over the whole batch; the attention core is
+        called once per group of equal position (``_GroupedLayer``).
         """
         tokens_B = torch.as_tensor(tokens_B, dtype=torch.long, device=self.device).flatten()
         B = tokens_B.numel()
         if B != state.batch_size:
             raise ValueError(f"decode got {B} tokens for a batch of {state.batch_size}")
         single = len(state.groups) == 1 and torch.equal(state.groups[0].rows.cpu(), torch.arange(B))
-        x = self.decoder.embed_tokens(tokens_B[:, None])
-        for li, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, 1, attn.num_heads, attn.head_dim)
-            k = attn.k_proj(h).view(B, 1, attn.num_kv, attn.head_dim)
-            v = attn.v_proj(h).view(B, 1, attn.num_kv, attn.head_dim)
-            if single:
-                g = state.groups[0]
-                out, g.states[li] = attn.core(q, k, v, g.states[li])
-            else:
-                out = torch.empty_like(q)
-                for g in state.groups:
-                    o, g.states[li] = attn.core(q[g.rows], k[g.rows], v[g.rows], g.states[li])
-                    out[g.rows] = o
-            x = x + attn.o_proj(out.reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.decoder.norm(x))[:, 0]
+        if single:
+            g = state.groups[0]
+            hidden, g.states = self.decoder(tokens_B[:, None], _drain(g.states))
+        else:
+            layers = [_GroupedLayer(state.groups, li) for li in range(self.config.num_layers)]
+            hidden, _ = self.decoder(tokens_B[:, None], layers)
+        return self.lm_head(hidden)[:, 0]
 
     # ---- generate -----------------------------------------------------------------------
     @torch.no_grad()

@@ -46,7 +46,12 @@ class Attention(nn.Module):
         xq_BLHD = self.q_proj(x_BLE).view(B, L, self.num_heads, self.head_dim)
         xk_BLGD = self.k_proj(x_BLE).view(B, L, self.num_kv, self.head_dim)
         xv_BLGD = self.v_proj(x_BLE).view(B, L, self.num_kv, self.head_dim)
-        out_BLHD, state = self.core(xq_BLHD, xk_BLGD, xv_BLGD, state)
+        if hasattr(state, "attend"):
+            # Rows of the batch at different positions (the inference engine's groups):
+            # the state object calls the same core once per group.
+            out_BLHD, state = state.attend(self.core, xq_BLHD, xk_BLGD, xv_BLGD)
+        else:
+            out_BLHD, state = self.core(xq_BLHD, xk_BLGD, xv_BLGD, state)
         return self.o_proj(out_BLHD.reshape(B, L, -1)), state
 
 
