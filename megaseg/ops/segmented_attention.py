@@ -88,7 +88,7 @@ class SegmentedAttention(torch.nn.Module):
     def forward(self, q_BLHD, k_BLGD, v_BLGD, state: LayerState | None = None):
         """Attend a run of new tokens. Returns (output [B, L, H, D], new LayerState)."""
         state = state or LayerState()
-        S, M = self.segment.segment_length, self.segment.tail_length
+        S = self.segment.segment_length
         B, L, H, D = q_BLHD.shape
         G = k_BLGD.shape[2]
         if G != len(self.modes) or H != G * self.hpg:
