@@ -128,24 +128,24 @@ class HeadPlan:
         num_layers: int,
         num_kv_groups: int,
         long_range_layers: Sequence[int],
-        long_heads: Sequence[int] | Mapping[int, Sequence[int]],
+        long_range_heads: Sequence[int] | Mapping[int, Sequence[int]],
     ) -> "HeadPlan":
         """SEMANTICS §2 default plan.
 
-        ``long_heads`` is the set H_long of KV groups: in long-range layers they are
+        ``long_range_heads`` is the set H_long of KV groups: in long-range layers they are
         `retrieval`, in every other layer `segment`; all other groups are `local`.
         A mapping ``{layer: groups}`` gives H_long per layer explicitly (layers it omits
         have no long heads).
         """
         _check_shape(num_layers, num_kv_groups)
         lr = _check_indices("long_range_layers", long_range_layers, num_layers, "layer")
-        if isinstance(long_heads, Mapping):
+        if isinstance(long_range_heads, Mapping):
             per_layer = {}
-            for layer, groups in long_heads.items():
-                _check_indices("long_heads (layer key)", [layer], num_layers, "layer")
-                per_layer[int(layer)] = _check_indices(f"long_heads[{layer}]", groups, num_kv_groups, "KV group")
+            for layer, groups in long_range_heads.items():
+                _check_indices("long_range_heads (layer key)", [layer], num_layers, "layer")
+                per_layer[int(layer)] = _check_indices(f"long_range_heads[{layer}]", groups, num_kv_groups, "KV group")
         else:
-            groups = _check_indices("long_heads", long_heads, num_kv_groups, "KV group")
+            groups = _check_indices("long_range_heads", long_range_heads, num_kv_groups, "KV group")
             per_layer = {layer: groups for layer in range(num_layers)}
         modes = []
         for layer in range(num_layers):
@@ -155,50 +155,50 @@ class HeadPlan:
         return cls(tuple(modes))
 
     @classmethod
-    def prior(cls, num_layers, num_kv_groups, long_range_layers, long_heads) -> "HeadPlan":
+    def prior(cls, num_layers, num_kv_groups, long_range_layers, long_range_heads) -> "HeadPlan":
         """`prior` preset: an explicit list of long-range KV groups (or a per-layer mapping)."""
-        return cls.from_long_heads(num_layers, num_kv_groups, long_range_layers, long_heads)
+        return cls.from_long_heads(num_layers, num_kv_groups, long_range_layers, long_range_heads)
 
     @classmethod
-    def contiguous(cls, num_layers, num_kv_groups, long_range_layers, num_long_heads: int) -> "HeadPlan":
-        """`contiguous` preset: H_long is the first ``num_long_heads`` KV groups."""
-        _check_count(num_long_heads, num_kv_groups)
-        return cls.from_long_heads(num_layers, num_kv_groups, long_range_layers, list(range(num_long_heads)))
+    def contiguous(cls, num_layers, num_kv_groups, long_range_layers, num_long_range_heads: int) -> "HeadPlan":
+        """`contiguous` preset: H_long is the first ``num_long_range_heads`` KV groups."""
+        _check_count(num_long_range_heads, num_kv_groups)
+        return cls.from_long_heads(num_layers, num_kv_groups, long_range_layers, list(range(num_long_range_heads)))
 
     @classmethod
-    def interleaved(cls, num_layers, num_kv_groups, long_range_layers, num_long_heads: int) -> "HeadPlan":
-        """`interleaved` preset: ``num_long_heads`` KV groups spread evenly over the groups."""
-        _check_count(num_long_heads, num_kv_groups)
-        groups = [(i * num_kv_groups) // num_long_heads for i in range(num_long_heads)] if num_long_heads else []
+    def interleaved(cls, num_layers, num_kv_groups, long_range_layers, num_long_range_heads: int) -> "HeadPlan":
+        """`interleaved` preset: ``num_long_range_heads`` KV groups spread evenly over the groups."""
+        _check_count(num_long_range_heads, num_kv_groups)
+        groups = [(i * num_kv_groups) // num_long_range_heads for i in range(num_long_range_heads)] if num_long_range_heads else []
         return cls.from_long_heads(num_layers, num_kv_groups, long_range_layers, groups)
 
     @classmethod
-    def paper_llama2_7b(cls, num_long_heads: int = 8) -> "HeadPlan":
+    def paper_llama2_7b(cls, num_long_range_heads: int = 8) -> "HeadPlan":
         """LLaMA2-7B (32 layers, 32 KV heads), long-range layers {6, 8, 11, 18}.
 
         The paper does not list its long-range heads; the default takes 8 of 32
-        interleaved (a documented choice, change with ``num_long_heads``).
+        interleaved (a documented choice, change with ``num_long_range_heads``).
         """
-        return cls.interleaved(32, 32, PAPER_LLAMA2_7B_LONG_RANGE_LAYERS, num_long_heads)
+        return cls.interleaved(32, 32, PAPER_LLAMA2_7B_LONG_RANGE_LAYERS, num_long_range_heads)
 
     @classmethod
-    def preset(cls, name: str, num_layers: int, num_kv_groups: int, long_range_layers=(), long_heads=None,
-               num_long_heads: int = 0) -> "HeadPlan":
+    def preset(cls, name: str, num_layers: int, num_kv_groups: int, long_range_layers=(), long_range_heads=None,
+               num_long_range_heads: int = 0) -> "HeadPlan":
         """Build a plan by preset name: local | prior | contiguous | interleaved | paper-llama2-7b."""
         if name == "local":
             return cls.all_local(num_layers, num_kv_groups)
         if name == "prior":
-            if long_heads is None:
-                _fail("long_heads", None, "the `prior` preset needs an explicit list of KV groups")
-            return cls.prior(num_layers, num_kv_groups, long_range_layers, long_heads)
+            if long_range_heads is None:
+                _fail("long_range_heads", None, "the `prior` preset needs an explicit list of KV groups")
+            return cls.prior(num_layers, num_kv_groups, long_range_layers, long_range_heads)
         if name == "contiguous":
-            return cls.contiguous(num_layers, num_kv_groups, long_range_layers, num_long_heads)
+            return cls.contiguous(num_layers, num_kv_groups, long_range_layers, num_long_range_heads)
         if name == "interleaved":
-            return cls.interleaved(num_layers, num_kv_groups, long_range_layers, num_long_heads)
+            return cls.interleaved(num_layers, num_kv_groups, long_range_layers, num_long_range_heads)
         if name == "paper-llama2-7b":
             if (num_layers, num_kv_groups) != (32, 32):
                 _fail("head_plan_preset", name, f"is for 32 layers x 32 KV heads, model has {num_layers} x {num_kv_groups}")
-            return cls.paper_llama2_7b(num_long_heads or 8)
+            return cls.paper_llama2_7b(num_long_range_heads or 8)
         _fail("head_plan_preset", name, "allowed: local, prior, contiguous, interleaved, paper-llama2-7b")
 
     def slice_groups(self, start: int, stop: int) -> "HeadPlan":
@@ -218,7 +218,7 @@ def _check_shape(num_layers, num_kv_groups):
 
 def _check_count(n, num_kv_groups):
     if not isinstance(n, int) or n < 0 or n > num_kv_groups:
-        _fail("num_long_heads", n, f"must be an integer in [0, {num_kv_groups}] (the number of KV groups)")
+        _fail("num_long_range_heads", n, f"must be an integer in [0, {num_kv_groups}] (the number of KV groups)")
 
 
 def _check_indices(field_name, values, bound, what) -> tuple[int, ...]:

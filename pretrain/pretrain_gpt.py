@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 
 from megaseg.config import ConfigError  # noqa: E402
 from megaseg.training.arguments import PretrainConfig, parse_args  # noqa: E402
-from megaseg.training.checkpointing import CheckpointError  # noqa: E402
+from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
 
 PROG = "pretrain_gpt.py"
 
@@ -103,7 +103,7 @@ def build_datasets(cfg: PretrainConfig, blend: list[str], tokenizer):
 def run(cfg: PretrainConfig) -> int:
     from megaseg.data.tokenizer import validate_tokenizer
     from megaseg.megatron import parallel
-    from megaseg.training.checkpointing import locate_checkpoint
+    from megaseg.checkpoint.training import locate_checkpoint
     from megaseg.training.trainer import check_batch_sizes, pretrain, resolve_bf16
 
     parallel.initialize_model_parallel(

@@ -41,15 +41,15 @@ def test_retrieval_heads_without_retrieval_length_are_rejected():
     [
         (lambda: HeadPlan.prior(4, 4, [4], [0]), "long_range_layers=[4] is invalid: every layer index must be an integer in [0, 3]; got 4"),
         (lambda: HeadPlan.prior(4, 4, [-1], [0]), "long_range_layers=[-1] is invalid: every layer index must be an integer in [0, 3]"),
-        (lambda: HeadPlan.prior(4, 4, [1], [4]), "long_heads=[4] is invalid: every KV group index must be an integer in [0, 3]; got 4"),
-        (lambda: HeadPlan.prior(4, 4, [1], {7: [0]}), "long_heads (layer key)=[7] is invalid"),
+        (lambda: HeadPlan.prior(4, 4, [1], [4]), "long_range_heads=[4] is invalid: every KV group index must be an integer in [0, 3]; got 4"),
+        (lambda: HeadPlan.prior(4, 4, [1], {7: [0]}), "long_range_heads (layer key)=[7] is invalid"),
         (lambda: HeadPlan.prior(4, 4, [1, 1], [0]), "long_range_layers=[1, 1] is invalid: layer indices must be distinct"),
-        (lambda: HeadPlan.contiguous(4, 4, [1], 5), "num_long_heads=5 is invalid: must be an integer in [0, 4]"),
+        (lambda: HeadPlan.contiguous(4, 4, [1], 5), "num_long_range_heads=5 is invalid: must be an integer in [0, 4]"),
         (lambda: HeadPlan(((LOCAL, "global"),)), "head_plan.modes[0][1]='global' is invalid: allowed modes are"),
         (lambda: HeadPlan(((LOCAL, LOCAL), (LOCAL,))), "head_plan.modes[1]=('local',) is invalid: every layer needs 2 KV groups"),
         (lambda: HeadPlan.preset("paper-llama2-7b", 4, 4), "head_plan_preset='paper-llama2-7b' is invalid: is for 32 layers x 32 KV heads"),
         (lambda: HeadPlan.preset("calibrated", 4, 4), "head_plan_preset='calibrated' is invalid: allowed: local, prior"),
-        (lambda: HeadPlan.preset("prior", 4, 4, [1]), "long_heads=None is invalid: the `prior` preset needs an explicit list"),
+        (lambda: HeadPlan.preset("prior", 4, 4, [1]), "long_range_heads=None is invalid: the `prior` preset needs an explicit list"),
     ],
 )
 def test_head_plan_rejects(build, message):

@@ -2,11 +2,12 @@
 
     # HF Llama (safetensors or .bin, Llama-2/3 configs) -> megaseg checkpoint (optionally TP/PP shards)
     python tools/convert_hf.py import HF_DIR OUT_DIR --segment-length 4096 --tail-length 512 \\
-        --head-plan interleaved --long-range-layers 6,8,11,18 --num-long-heads 8 --tp 2 --pp 2
-    python tools/convert_hf.py import HF_DIR OUT_DIR --head-plan paper-llama2-7b
+        --head-plan-preset interleaved --long-range-layers 6 8 11 18 --num-long-range-heads 8 --tp 2 --pp 2
+    python tools/convert_hf.py import HF_DIR OUT_DIR --head-plan-preset paper-llama2-7b
 
-    # megaseg checkpoint -> HF directory loadable with trust_remote_code=True
-    python tools/convert_hf.py export CKPT_DIR HF_OUT [--tokenizer PATH] [--dtype bfloat16]
+    # a pretraining checkpoint (its --save directory or one iter_* directory, any TP/PP layout)
+    # or a megaseg model directory -> HF directory (model and tokenizer load with trust_remote_code=True)
+    python tools/convert_hf.py export runs/default/checkpoints HF_OUT [--tokenizer PATH] [--dtype bfloat16]
     # ... or a plain Llama directory that stock transformers loads (segmentation off)
     python tools/convert_hf.py export CKPT_DIR HF_OUT --no-segmentation
 """
@@ -19,14 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaseg.config import ConfigError  # noqa: E402
-from megaseg.hf.checkpoint import parse_dtype  # noqa: E402
-from megaseg.hf.cli_options import add_segment_options, resolve_segment_options  # noqa: E402
-from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint, read_hf_config  # noqa: E402
-from megaseg.hf.llama_config import CheckpointError, check_architecture, segment_section  # noqa: E402
+from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
+from megaseg.checkpoint.formats import HF_LLAMA, HF_MEGASEG, checkpoint_shape, detect_format  # noqa: E402
+from megaseg.checkpoint.weights import parse_dtype  # noqa: E402
+from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint  # noqa: E402
+from megaseg.segment_options import OneLineArgumentParser, add_segment_options, resolve_segment_options  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF Llama directory -> megaseg checkpoint directory")
@@ -36,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
     add_segment_options(imp)
-    exp = sub.add_parser("export", help="megaseg checkpoint directory -> HF directory")
-    exp.add_argument("src", help="megaseg checkpoint directory")
+    exp = sub.add_parser("export", help="pretraining checkpoint or megaseg model directory -> HF directory")
+    exp.add_argument("src", help="pretraining --save directory, one iter_* directory, or a megaseg model directory")
     exp.add_argument("out", help="HF directory to write")
     exp.add_argument("--dtype", default=None, help="cast weights: float32 | bfloat16 | float16 (default: keep)")
     exp.add_argument("--tokenizer", default=None, help="tokenizer directory or .model file (default: the checkpoint's)")
@@ -49,13 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     dtype = parse_dtype(args.dtype)
     if args.command == "import":
-        hf = read_hf_config(args.src)
-        check_architecture(hf, args.src)
-        base_segment, base_plan = segment_section(hf, args.src)
-        layers = int(hf.get("num_hidden_layers") or 0)
-        groups = int(hf.get("num_key_value_heads") or hf.get("num_attention_heads") or 0)
-        if layers <= 0 or groups <= 0:
-            raise CheckpointError(f"{args.src}: config.json needs num_hidden_layers and num_attention_heads")
+        fmt = detect_format(args.src)
+        if fmt not in (HF_LLAMA, HF_MEGASEG):
+            raise CheckpointError(f"{args.src}: is a {fmt} checkpoint, not a Hugging Face directory; "
+                                  "`import` reads HF Llama directories (use `export` to go the other way)")
+        layers, groups, base_segment, base_plan = checkpoint_shape(args.src)
         segment, plan = resolve_segment_options(args, layers, groups, base_segment, base_plan)
         cfg = import_hf_checkpoint(args.src, args.out, segment, plan, dtype, tp_size=args.tp, pp_size=args.pp)
         print(f"imported {args.src} -> {args.out}: {cfg.num_layers} layers, {cfg.num_heads} heads / "

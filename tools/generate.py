@@ -4,9 +4,10 @@
     python tools/generate.py CHECKPOINT --prompt-file story.txt --temperature 0.8 --top-p 0.95
     python tools/generate.py CHECKPOINT --prompt-ids 1,523,88 --prompt-ids 1,77   # no tokenizer
 
-CHECKPOINT is a megaseg checkpoint directory, a megaseg HF export, or a plain HF Llama
-directory (then the segment options say how to segment it). The tokenizer (sentencepiece
-tokenizer.model or tokenizer.json) is taken from CHECKPOINT unless --tokenizer is given.
+CHECKPOINT is a pretraining checkpoint (the --save directory or one iter_* directory, any
+TP/PP layout), a megaseg model directory, a megaseg HF export, or a plain HF Llama directory
+(then the segment options say how to segment it). The tokenizer (sentencepiece
+tokenizer.model or tokenizer.json) is the one CHECKPOINT carries unless --tokenizer is given.
 One prompt streams its tokens as they are generated; several prompts run as one batch and
 print when done. The last lines report prefill time, decode tokens/s and peak memory.
 """
@@ -21,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megaseg.config import ConfigError, HeadPlan, SegmentConfig  # noqa: E402
-from megaseg.hf.checkpoint import is_megaseg_checkpoint, load_model, parse_dtype, read_checkpoint, read_json  # noqa: E402
-from megaseg.hf.cli_options import add_segment_options, resolve_segment_options, segment_options_given  # noqa: E402
-from megaseg.hf.llama_config import CheckpointError, check_architecture, segment_section  # noqa: E402
+from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
+from megaseg.checkpoint.formats import checkpoint_shape, read_model  # noqa: E402
+from megaseg.checkpoint.weights import parse_dtype  # noqa: E402
+from megaseg.segment_options import OneLineArgumentParser, add_segment_options, resolve_segment_options, segment_options_given  # noqa: E402
 from megaseg.inference import InferenceEngine, SamplingConfig  # noqa: E402
 from megaseg.inference.tokenizer import TextTokenizer  # noqa: E402
 
@@ -31,8 +33,8 @@ MIB = 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="megaseg checkpoint directory or HF (exported or Llama) directory")
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="pretraining checkpoint, megaseg model directory, or HF (exported or Llama) directory")
     p.add_argument("--tokenizer", help="sentencepiece .model, tokenizer.json or a directory (default: CHECKPOINT)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", default=[], help="file whose whole text is one prompt (repeatable)")
@@ -50,18 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the completion only when done")
     add_segment_options(p)
     return p
-
-
-def _checkpoint_shape(path: Path) -> tuple[int, int, SegmentConfig | None, HeadPlan | None]:
-    """(layers, KV groups, segment settings, plan) recorded in the checkpoint, before loading it."""
-    if is_megaseg_checkpoint(path):
-        _, cfg, _ = read_checkpoint(path, weights=False)
-        return cfg.num_layers, cfg.num_kv_heads, cfg.segment, cfg.head_plan
-    hf = read_json(path / "config.json")
-    check_architecture(hf, str(path))
-    segment, plan = segment_section(hf, str(path))
-    layers = int(hf.get("num_hidden_layers", 0))
-    return layers, int(hf.get("num_key_value_heads") or hf.get("num_attention_heads", 0)), segment, plan
 
 
 def _prompts(args, tokenizer: TextTokenizer | None) -> list[list[int]]:
@@ -85,20 +75,17 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.checkpoint)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     segment = plan = None
-    layers, groups, base_segment, base_plan = _checkpoint_shape(path)
+    layers, groups, base_segment, base_plan = checkpoint_shape(path)
     if segment_options_given(args) or base_segment is None:
         segment, plan = resolve_segment_options(args, layers, groups, base_segment, base_plan)
-    tok_path = Path(args.tokenizer) if args.tokenizer else path
-    tokenizer = None
-    if args.tokenizer or any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        tokenizer = TextTokenizer.load(tok_path)
+    source = read_model(path, segment=segment, head_plan=plan)
+    tok_path = args.tokenizer or source.tokenizer
+    tokenizer = TextTokenizer.load(tok_path) if tok_path else None
     prompts = _prompts(args, tokenizer)
 
-    model, _ = load_model(path, parse_dtype(args.dtype), segment, plan)
+    model = source.build(parse_dtype(args.dtype))
     cfg = model.config
     stop = list(args.stop_token)
     if tokenizer is not None and tokenizer.eos_id is not None and not args.ignore_eos:

@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from megaseg.config import HeadPlan, ModelConfig, SegmentConfig
-from megaseg.hf.checkpoint import (
-    check_weights, copy_tokenizer_files, read_checkpoint, read_hf_weights, read_json, save_checkpoint,
+from megaseg.checkpoint.errors import CheckpointError
+from megaseg.checkpoint.formats import read_model
+from megaseg.checkpoint.weights import (
+    check_weights, copy_tokenizer_files, read_hf_weights, read_json, save_model_dir,
 )
-from megaseg.hf.llama_config import (
-    REMOTE_CODE_MODULE, CheckpointError, hf_config_dict, model_config_from_hf, passthrough_from_hf,
-)
+from megaseg.hf.llama_config import REMOTE_CODE_MODULE, hf_config_dict, model_config_from_hf, passthrough_from_hf
 
 MODELING_FILE = Path(__file__).with_name(f"{REMOTE_CODE_MODULE}.py")
 
@@ -55,7 +55,7 @@ def import_hf_checkpoint(
     sd = check_weights(read_hf_weights(hf_dir), cfg, str(hf_dir))
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    save_checkpoint(out_dir, sd, cfg, hf=passthrough_from_hf(hf_cfg), tokenizer_from=hf_dir,
+    save_model_dir(out_dir, sd, cfg, hf=passthrough_from_hf(hf_cfg), tokenizer_from=hf_dir,
                     tp_size=tp_size, pp_size=pp_size)
     return cfg
 
@@ -67,13 +67,47 @@ def export_hf_checkpoint(
     dtype: torch.dtype | None = None,
     tokenizer: str | os.PathLike | None = None,
 ) -> ModelConfig:
-    """Write a HF directory from a megaseg checkpoint directory (any TP/PP); returns its config."""
-    sd, cfg, hf = read_checkpoint(src_dir)
+    """Write a HF directory from any checkpoint `read_model` reads: a pretraining checkpoint
+    (save directory or iter_* directory, any TP/PP layout) or a megaseg model directory.
+    Returns its config."""
+    src = read_model(src_dir)
+    sd = src.state_dict
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    write_hf_directory(out_dir, sd, cfg, hf, segmented)
-    copy_tokenizer_files(tokenizer if tokenizer is not None else src_dir, out_dir)
-    return cfg
+    write_hf_directory(out_dir, sd, src.config, src.hf, segmented)
+    tokenizer = tokenizer if tokenizer is not None else src.tokenizer
+    if tokenizer is not None:
+        copy_tokenizer_files(tokenizer, out_dir)
+        write_tokenizer_config(out_dir, src.hf)
+    return src.config
+
+
+def write_tokenizer_config(out_dir: str | os.PathLike, hf: dict | None = None) -> None:
+    """tokenizer_config.json naming transformers' Llama tokenizer class for a sentencepiece
+    ``tokenizer.model`` (kept when the source brought its own)."""
+    out = Path(out_dir)
+    if (out / "tokenizer_config.json").is_file() or not (out / "tokenizer.model").is_file():
+        return
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(out / "tokenizer.model"))
+
+    def piece(i):
+        return sp.IdToPiece(i) if i >= 0 else None
+
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": piece(sp.bos_id()),
+        "eos_token": piece(sp.eos_id()),
+        "unk_token": piece(sp.unk_id()),
+        "pad_token": piece(sp.pad_id()),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "model_max_length": int((hf or {}).get("max_position_embeddings") or 1_000_000_000),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _check_export_dir(out: Path) -> None:

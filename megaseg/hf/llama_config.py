@@ -8,8 +8,10 @@ An exported megaseg directory carries its segment settings and head plan under t
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
+from megaseg.checkpoint.errors import CheckpointError
 from megaseg.config import ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MegasegLlamaForCausalLM")
@@ -21,10 +23,6 @@ REMOTE_CODE_MODULE = "modeling_megaseg"
 # HF fields that megaseg does not model but keeps so that an export restores them.
 PASSTHROUGH_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
                     "torch_dtype", "dtype")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or its config that cannot be used; the message says what and where."""
 
 
 def _require(hf: Mapping, key: str, source: str):
@@ -120,12 +118,23 @@ def model_config_from_hf(
             head_dim=hf.get("head_dim"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rope=rope_from_hf(hf, source),
+            rope=_megaseg_rope(hf, source) or rope_from_hf(hf, source),
             segment=segment,
             head_plan=head_plan,
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+def _megaseg_rope(hf: Mapping, source: str) -> RopeConfig | None:
+    """The exact RopeConfig a megaseg export wrote (None for other configs)."""
+    section = (hf.get("megaseg") or {}).get("rope")
+    if not section:
+        return None
+    try:
+        return RopeConfig(**section)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{source}: bad 'megaseg.rope' section in config.json: {e}") from None
 
 
 def passthrough_from_hf(hf: Mapping) -> dict[str, Any]:
@@ -163,14 +172,11 @@ def hf_config_dict(cfg: ModelConfig, segmented: bool = True, passthrough: Mappin
         "pad_token_id": None,
     }
     d.update(passthrough or {})
+    # Written whole: every SegmentConfig/RopeConfig field, so nothing is lost on the way back.
     d["megaseg"] = {
         "segmented": segmented,
-        "segment": {
-            "segment_length": cfg.segment.segment_length,
-            "tail_length": cfg.segment.tail_length,
-            "retrieval_length": cfg.segment.retrieval_length,
-            "tbptt_k": cfg.segment.tbptt_k,
-        },
+        "segment": dataclasses.asdict(cfg.segment),
+        "rope": dataclasses.asdict(cfg.rope),
         "head_plan": cfg.head_plan.to_list(),
     }
     if segmented:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megaseg.hf.llama_config import CheckpointError
+from megaseg.checkpoint.errors import CheckpointError
 
 
 class TextTokenizer:

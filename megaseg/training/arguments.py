@@ -22,18 +22,25 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from megaseg.config import GROUP_REDUCTIONS, ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
+from megaseg.config import ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
+from megaseg.segment_options import SEGMENT_OPTIONS, OneLineArgumentParser, flag, head_plan_from
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-HEAD_PLAN_PRESETS = ("local", "prior", "contiguous", "interleaved", "paper-llama2-7b")
 OPTIMIZERS = ("adam", "sgd")
 
 
 def _f(default, help: str, group: str, choices: Sequence[str] | None = None, **kw):
+    """A field with its flag's help text, argument group and allowed values."""
     meta = {"help": help, "group": group, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+def _seg(name: str, default):
+    """A segment-setting field: help and choices come from `SEGMENT_OPTIONS`, which the tools share."""
+    opt = SEGMENT_OPTIONS[name]
+    return _f(default, opt.help, "segment", opt.choices)
 
 
 @dataclass
@@ -49,21 +56,26 @@ class PretrainConfig:
     kv_channels: int | None = _f(None, "head dim (default: hidden_size / num_attention_heads)", "model")
     norm_epsilon: float = _f(1e-5, "RMSNorm epsilon", "model")
     rotary_base: float = _f(10000.0, "RoPE theta", "model")
+    rope_scaling_type: str | None = _f(None, "RoPE frequency scaling (default: none)", "model", ("linear", "llama3"))
+    rope_scaling_factor: float = _f(1.0, "RoPE scaling factor (linear, llama3)", "model")
+    rope_low_freq_factor: float = _f(1.0, "llama3 RoPE scaling: low-frequency factor", "model")
+    rope_high_freq_factor: float = _f(4.0, "llama3 RoPE scaling: high-frequency factor", "model")
+    rope_original_max_position_embeddings: int = _f(8192, "llama3 RoPE scaling: original context length", "model")
     untie_embeddings_and_output_weights: bool = _f(True, "separate output layer weights (Llama layout)", "model")
     init_method_std: float = _f(0.02, "std of the normal weight init", "model")
     vocab_size: int | None = _f(None, "vocabulary size (default: the tokenizer's)", "model")
 
-    # ---- segmented execution (SEMANTICS.md) ----------------------------------------------
-    segment_length: int = _f(512, "S: tokens per segment", "segment")
-    tail_length: int = _f(64, "M: carried KV tail of `local` heads", "segment")
-    retrieval_length: int = _f(64, "R: retrieved prefix of `retrieval` heads (0 when none)", "segment")
-    tbptt_k: int = _f(1, "K: segments a loss backpropagates through (0 = detach every tail)", "segment")
-    retrieval_group_reduce: str = _f("sum", "how a KV group's query heads combine retrieval scores", "segment",
-                                     GROUP_REDUCTIONS)
-    head_plan_preset: str = _f("interleaved", "how long-range heads are chosen", "segment", HEAD_PLAN_PRESETS)
-    long_range_layers: list[int] = _f([1, 3], "0-based layers whose long-range heads retrieve", "segment")
-    num_long_range_heads: int = _f(1, "long-range KV groups per layer (contiguous/interleaved presets)", "segment")
-    long_range_heads: list[int] = _f([], "explicit long-range KV groups (prior preset)", "segment")
+    # ---- segmented execution (docs/semantics.md; flags shared with the tools) --------------
+    segment_length: int = _seg("segment_length", 512)
+    tail_length: int = _seg("tail_length", 64)
+    retrieval_length: int = _seg("retrieval_length", 64)
+    tbptt_k: int = _seg("tbptt_k", 1)
+    retrieval_group_reduce: str = _seg("retrieval_group_reduce", "sum")
+    head_plan_preset: str = _seg("head_plan_preset", "interleaved")
+    long_range_layers: list[int] = _seg("long_range_layers", [1, 3])
+    num_long_range_heads: int = _seg("num_long_range_heads", 1)
+    long_range_heads: list[int] = _seg("long_range_heads", [])
+    head_plan_file: str | None = _seg("head_plan_file", None)
 
     # ---- training ------------------------------------------------------------------------
     seq_length: int = _f(2048, "tokens per training sequence", "training")
@@ -86,6 +98,9 @@ class PretrainConfig:
     clip_grad: float = _f(1.0, "clip the global grad norm to this (0 = off)", "training")
     bf16: bool | None = _f(None, "bf16 autocast (default: on where the hardware supports it, CUDA only)", "training")
     seed: int = _f(1234, "random seed", "training")
+    max_consecutive_skipped_steps: int = _f(
+        5, "a step with a non-finite loss or grad norm is skipped (no update); stop after this many in a row "
+        "(0 = stop at the first)", "training")
 
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
@@ -105,6 +120,16 @@ class PretrainConfig:
     load: str | None = _f(None, "checkpoint directory (or one iter_* folder) to resume from", "checkpointing")
     no_load_optim: bool = _f(False, "fresh optimizer state (weights, data position and LR schedule still resume)", "checkpointing")
     no_load_rng: bool = _f(False, "do not restore RNG states", "checkpointing")
+    override_opt_param_scheduler: bool = _f(
+        False, "on resume, this run's LR schedule flags replace the checkpoint's (default: the checkpoint's win)",
+        "checkpointing")
+    pretrained_checkpoint: str | None = _f(
+        None, "initialise the model from a Hugging Face Llama directory, a megaseg model directory or a pretraining "
+        "checkpoint (fresh optimizer and schedule; the architecture and tokenizer come from it; --load wins once "
+        "this run has saved)", "checkpointing")
+    exit_signal_handler: bool = _f(True, "on SIGTERM/SIGUSR1 save at the next step boundary and exit 0", "checkpointing")
+    exit_interval: int | None = _f(None, "save and exit after the iteration that is a multiple of this", "checkpointing")
+    exit_duration_in_mins: float | None = _f(None, "save and exit once the run has lasted this long", "checkpointing")
 
     # ---- logging and validation ---------------------------------------------------------
     log_interval: int = _f(5, "print a log line every N steps", "logging")
@@ -129,7 +154,8 @@ class PretrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be > 0")
-        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "vocab_size", "save_interval", "lr_decay_iters"):
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "vocab_size", "save_interval", "lr_decay_iters",
+                     "exit_interval", "exit_duration_in_mins"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 _fail(name, v, "must be > 0 (or unset for the default)")
@@ -160,10 +186,12 @@ class PretrainConfig:
                   f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.eval_iters < 0:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if self.max_consecutive_skipped_steps < 0:
+            _fail("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, "must be >= 0")
         if self.pipeline_model_parallel_size != 1:
             _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
                   "must be 1: the TBPTT engine runs the whole model on one stage")
-        if self.head_plan_preset == "prior" and not self.long_range_heads:
+        if self.head_plan_preset == "prior" and not self.long_range_heads and not self.head_plan_file:
             _fail("long_range_heads", self.long_range_heads, "the `prior` preset needs an explicit list of KV groups")
         parts = self.split.split(",")
         try:
@@ -199,14 +227,8 @@ class PretrainConfig:
 
     def head_plan(self) -> HeadPlan:
         groups = self.num_query_groups or self.num_attention_heads
-        return HeadPlan.preset(
-            self.head_plan_preset,
-            self.num_layers,
-            groups,
-            long_range_layers=self.long_range_layers,
-            long_heads=self.long_range_heads or None,
-            num_long_heads=self.num_long_range_heads,
-        )
+        return head_plan_from(self.head_plan_preset, self.num_layers, groups, self.long_range_layers,
+                              self.num_long_range_heads, self.long_range_heads or None, self.head_plan_file)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The `ModelConfig` these flags describe, for a tokenizer with ``vocab_size`` tokens."""
@@ -220,7 +242,10 @@ class PretrainConfig:
             head_dim=self.kv_channels,
             rms_norm_eps=self.norm_epsilon,
             tie_word_embeddings=not self.untie_embeddings_and_output_weights,
-            rope=RopeConfig(theta=self.rotary_base),
+            rope=RopeConfig(
+                theta=self.rotary_base, scaling_type=self.rope_scaling_type, factor=self.rope_scaling_factor,
+                low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings),
             segment=SegmentConfig(self.segment_length, self.tail_length, self.retrieval_length, self.tbptt_k,
                                   self.retrieval_group_reduce),
             head_plan=self.head_plan(),
@@ -239,8 +264,9 @@ _MODEL_FIELD_TO_FLAG = {
     "head_dim": "kv_channels",
     "rms_norm_eps": "norm_epsilon",
     "rope.theta": "rotary_base",
-    "long_heads": "long_range_heads",
-    "num_long_heads": "num_long_range_heads",
+    "rope.scaling_type": "rope_scaling_type",
+    "rope.factor": "rope_scaling_factor",
+    "rope.high_freq_factor": "rope_high_freq_factor",
 }
 
 
@@ -326,20 +352,9 @@ def _coerce(name, value, hint, choices):
 
 
 # ---- command line and YAML ------------------------------------------------------------------
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Megatron-style flags for every `PretrainConfig` field; unset flags stay absent."""
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog=prog,
         description="Pretrain a megaseg GPT (megatron-core) with segmented attention and TBPTT-K.",
         argument_default=argparse.SUPPRESS,

@@ -98,8 +98,12 @@ class TrainingMonitor:
         tokens: int,
         seconds: float,
         consumed_samples: int,
+        skipped_steps: int = 0,
     ) -> None:
-        """One optimizer step finished: write its scalars; print a line every log_interval."""
+        """One optimizer step finished: write its scalars; print a line every log_interval.
+
+        ``skipped_steps`` counts this run's steps without an update (non-finite loss or grad).
+        """
         if not self.enabled:
             return
         tokens_per_s = tokens / seconds if seconds > 0 else float("nan")
@@ -114,6 +118,7 @@ class TrainingMonitor:
                 w.add_scalar("grad_norm", grad_norm, iteration)
             w.add_scalar("throughput/tokens_per_s", tokens_per_s, iteration)
             w.add_scalar("memory/peak_mib", peak, iteration)
+            w.add_scalar("skipped_steps", skipped_steps, iteration)
         self._window.add(loss, segment_losses, tokens, seconds)
         self._recent_step_s = (self._recent_step_s + [seconds])[-20:]
         if iteration % self.log_interval == 0 or iteration == self.train_iters:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from megaseg.config import ConfigError, ModelConfig
 from megaseg.training.arguments import PretrainConfig
-from megaseg.training.checkpointing import load_checkpoint, save_checkpoint
+from megaseg.checkpoint.training import locate_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megaseg.training.monitor import StepTimer, TrainingMonitor
 from megaseg.training.tbptt import tbptt_backward
 
@@ -102,8 +104,12 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
     return cfg.global_batch_size // (cfg.micro_batch_size * dp)
 
 
-def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig):
-    """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler)."""
+def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, initial_weights=None):
+    """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler).
+
+    ``initial_weights`` (a reference state dict, HF Llama names) replaces the random init of
+    this rank's shard before the optimizer copies any parameter (continued pretraining).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -121,6 +127,8 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig):
         use_te=cfg.use_te,
         config_overrides={"init_method_std": cfg.init_method_std},
     )
+    if initial_weights is not None:
+        load_reference_weights(gpt, initial_weights, model_config)
     model = DistributedDataParallel(
         config=gpt.config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
@@ -155,10 +163,36 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig):
         end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,  # this run's schedule flags win; the step count is restored
+        # On resume the checkpoint's schedule wins (Megatron's convention) unless overridden;
+        # the step count is always restored.
+        use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
     return model, optimizer, scheduler
+
+
+def load_reference_weights(gpt, state_dict, model_config: ModelConfig) -> None:
+    """Copy a reference (HF Llama-named) state dict into this tensor-parallel rank's GPTModel."""
+    from megatron.core import parallel_state as ps
+
+    from megaseg.megatron.convert import reference_to_megatron
+
+    te_layout = any(k.endswith("linear_qkv.layer_norm_weight") for k in gpt.state_dict())
+    shard = reference_to_megatron(state_dict, model_config, ps.get_tensor_model_parallel_rank(),
+                                  ps.get_tensor_model_parallel_world_size(), te_layout=te_layout)
+    with torch.no_grad():
+        gpt.load_state_dict(shard, strict=True)
+
+
+SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_decay_style",
+                 "train_iters", "weight_decay", "global_batch_size")
+
+
+def schedule_changes(saved_args: dict, cfg: PretrainConfig) -> list[str]:
+    """Schedule flags of this run that differ from the checkpoint's run (`name old -> new`)."""
+    current = cfg.to_dict()
+    return [f"{name} {saved_args[name]} -> {current[name]}" for name in SCHEDULE_ARGS
+            if name in saved_args and saved_args[name] != current[name]]
 
 
 def current_lr(optimizer) -> float:
@@ -261,7 +295,10 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
     nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16)
     finalize_model_grads([model])
     lr = current_lr(optimizer)  # the rate this step applies (the scheduler then moves on)
-    update_successful, grad_norm, _ = optimizer.step()
+    if math.isfinite(nll) and grads_finite(model):
+        update_successful, grad_norm, _ = optimizer.step()
+    else:  # a non-finite loss or gradient: no update, the batch counts as consumed
+        update_successful, grad_norm = False, None
     if update_successful:
         scheduler.step(increment=cfg.global_batch_size)
     return StepMetrics(
@@ -272,6 +309,21 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
         tokens=tokens,
         update_successful=bool(update_successful),
     )
+
+
+@torch.no_grad()
+def grads_finite(model) -> bool:
+    """Every gradient of every rank is finite (one flag, all-reduced over all ranks)."""
+    buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
+    if buffers:
+        ok = all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+    else:
+        ok = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if hasattr(p, "main_grad"))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
 
 
 @torch.no_grad()
@@ -316,6 +368,74 @@ class TrainResult:
     valid_losses: list[tuple[int, float]]
     last_checkpoint: str | None
     seconds: float
+    skipped_steps: int = 0  # steps without an update (non-finite loss or gradient)
+    exit_reason: str | None = None  # why the run stopped before train_iters (signal, duration, interval)
+
+
+INTERRUPTED_FILE = "interrupted.txt"
+
+
+class ExitSignals:
+    """SIGTERM/SIGUSR1 set a flag; the loop saves and exits at the next step boundary.
+
+    `received()` is collective: every rank learns that any rank was signalled, so all save
+    the same iteration. Previous handlers are restored by `close()`.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, enabled: bool):
+        self.signum: int | None = None
+        self._previous = {}
+        if not enabled:
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals to the caller
+                break
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def received(self) -> int | None:
+        value = self.signum or 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([value], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            value = int(t.item())
+        return value or None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _any_rank(flag: bool) -> bool:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+def _mark_interrupted(save: str | None, reason: str | None) -> None:
+    """<save>/interrupted.txt names why a run stopped early (a job script requeues on it);
+    removed when the run reaches train_iters."""
+    if not save or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    path = os.path.join(save, INTERRUPTED_FILE)
+    if reason is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(save, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(reason + "\n")
 
 
 def pretrain(
@@ -324,12 +444,17 @@ def pretrain(
     train_dataset,
     valid_dataset=None,
     out: TextIO | None = None,
+    initial_weights=None,
 ) -> TrainResult:
     """Train ``cfg.train_iters`` steps (resuming from ``cfg.load`` if it holds a checkpoint).
 
+    ``initial_weights`` (a reference state dict) initialises the model when there is no
+    checkpoint to resume from (continued pretraining; optimizer and schedule start fresh).
     Needs megatron's model-parallel state (megaseg.megatron.parallel.initialize_model_parallel).
     Log lines go to ``out`` (default stdout) on rank 0. Raises ConfigError / CheckpointError
-    for user-fixable problems.
+    for user-fixable problems, FloatingPointError after too many non-finite steps in a row.
+    SIGTERM/SIGUSR1 (``exit_signal_handler``), ``exit_interval`` and ``exit_duration_in_mins``
+    save a checkpoint at the next step boundary and return early (``exit_reason``).
     """
     t_start = time.perf_counter()
     num_micro = check_batch_sizes(cfg)
@@ -338,7 +463,14 @@ def pretrain(
     monitor = TrainingMonitor(cfg.tensorboard_dir, cfg.log_interval, cfg.train_iters, enabled=is_logger, out=out)
     say = monitor.log
 
-    model, optimizer, scheduler = setup_model_and_optimizer(cfg, model_config)
+    resume_from = locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save) if cfg.load else None
+    if resume_from is not None and initial_weights is not None:
+        say(f"{resume_from} exists: resuming from it, not from the pretrained weights")
+        initial_weights = None
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg, model_config, initial_weights)
+    if initial_weights is not None:
+        say(f"initialised from the pretrained weights of {cfg.pretrained_checkpoint or 'the caller'}; "
+            "optimizer and learning-rate schedule start fresh")
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {model_config.num_layers} layers, hidden {model_config.hidden_size}, "
         f"{n_params / 1e6:.2f}M parameters (this rank), vocab {model_config.vocab_size}; "
@@ -348,35 +480,42 @@ def pretrain(
 
     iteration, consumed = 0, 0
     model_cfg_dict = model_config.to_dict()
-    if cfg.load:
-        loaded = load_checkpoint(cfg.load, model, optimizer, scheduler, model_config=model_cfg_dict,
-                                 load_optimizer=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
-                                 allow_missing=cfg.load == cfg.save)
-        if loaded is None:
-            say(f"no checkpoint in {cfg.load} yet; starting from scratch")
-        else:
-            iteration, consumed = loaded.iteration, loaded.consumed_train_samples
-            if cfg.no_load_optim:
-                scheduler.step(increment=iteration * cfg.global_batch_size)
-            say(f"resumed from {loaded.path}: iteration {iteration}, {consumed} samples consumed")
-            if not loaded.rng_restored and not cfg.no_load_rng:
-                say("RNG states not restored: the checkpoint was saved with another tensor/pipeline-parallel "
-                    "layout (weights and optimizer state were resharded)")
+    if resume_from is not None:
+        loaded = load_training_checkpoint(resume_from, model, optimizer, scheduler, model_config=model_cfg_dict,
+                                          load_optimizer=not cfg.no_load_optim, load_rng=not cfg.no_load_rng)
+        iteration, consumed = loaded.iteration, loaded.consumed_train_samples
+        if cfg.no_load_optim:
+            scheduler.step(increment=iteration * cfg.global_batch_size)
+        say(f"resumed from {loaded.path}: iteration {iteration}, {consumed} samples consumed")
+        changes = schedule_changes(loaded.args, cfg)
+        if changes and not cfg.no_load_optim:
+            if cfg.override_opt_param_scheduler:
+                say(f"note: learning-rate schedule from this run's flags ({'; '.join(changes)})")
+            else:
+                say(f"note: learning-rate schedule continues from the checkpoint; this run's {'; '.join(changes)} "
+                    "do not change it (--override-opt-param-scheduler to use them)")
+        if not loaded.rng_restored and not cfg.no_load_rng:
+            say("RNG states not restored: the checkpoint was saved with another tensor/pipeline-parallel "
+                "layout (weights and optimizer state were resharded)")
+    elif cfg.load:
+        say(f"no checkpoint in {cfg.load} yet; starting {'from the pretrained weights' if initial_weights else 'from scratch'}")
     start_iteration = iteration
     if iteration >= cfg.train_iters:
         say(f"already trained to iteration {iteration} (train_iters={cfg.train_iters}); nothing to do")
 
     losses, valid_losses = [], []
     last_checkpoint = None
-    saved_at = iteration if cfg.load else None
+    saved_at = iteration if resume_from is not None else None
+    skipped, skipped_in_a_row = 0, 0
+    exit_reason = None
 
     def save():
         nonlocal last_checkpoint, saved_at
         t = time.perf_counter()
-        last_checkpoint = save_checkpoint(
+        last_checkpoint = save_training_checkpoint(
             cfg.save, iteration, model, optimizer, scheduler,
             consumed_train_samples=consumed,
-            args=cfg.to_dict(), model_config=model_cfg_dict,
+            args=cfg.to_dict(), model_config=model_cfg_dict, tokenizer_model=cfg.tokenizer_model,
         )
         saved_at = iteration
         say(f"saved checkpoint {last_checkpoint} ({time.perf_counter() - t:.1f} s)")
@@ -387,7 +526,19 @@ def pretrain(
         valid_losses.append((iteration, loss))
         monitor.record_validation(iteration, loss, seg, time.perf_counter() - t)
 
+    def should_exit() -> str | None:
+        signum = signals.received()
+        if signum is not None:
+            return f"signal {signal.Signals(signum).name} at iteration {iteration}"
+        if cfg.exit_duration_in_mins is not None and _any_rank(
+                time.perf_counter() - t_start > 60 * cfg.exit_duration_in_mins):
+            return f"exit_duration_in_mins={cfg.exit_duration_in_mins} reached at iteration {iteration}"
+        if cfg.exit_interval and iteration % cfg.exit_interval == 0 and iteration < cfg.train_iters:
+            return f"exit_interval={cfg.exit_interval} at iteration {iteration}"
+        return None
+
     do_eval = valid_dataset is not None and cfg.eval_iters > 0
+    signals = ExitSignals(cfg.exit_signal_handler)
     try:
         while iteration < cfg.train_iters:
             with StepTimer() as timer:
@@ -395,19 +546,37 @@ def pretrain(
                 metrics = train_step(model, optimizer, scheduler, microbatches, cfg, bf16)
             iteration += 1
             consumed += cfg.global_batch_size
-            if not math.isfinite(metrics.loss):
-                raise FloatingPointError(f"loss is {metrics.loss} at iteration {iteration}; lower --lr")
             losses.append(metrics.loss)
+            if metrics.update_successful:
+                skipped_in_a_row = 0
+            else:
+                skipped += 1
+                skipped_in_a_row += 1
+                say(f"iteration {iteration}: non-finite loss ({metrics.loss}) or gradient; step skipped "
+                    f"({skipped_in_a_row} in a row, {skipped} in this run)")
+                if skipped_in_a_row > cfg.max_consecutive_skipped_steps:
+                    where = f"; the last good checkpoint is {cfg.save} (iteration {saved_at})" if saved_at else ""
+                    raise FloatingPointError(
+                        f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (iteration {iteration}, "
+                        f"max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps}); lower --lr{where}")
             monitor.record_step(iteration, metrics.loss, metrics.segment_losses, metrics.lr, metrics.grad_norm,
-                                metrics.tokens, timer.seconds, consumed)
+                                metrics.tokens, timer.seconds, consumed, skipped_steps=skipped)
             if do_eval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                 validate()
             if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
                 save()
+            exit_reason = should_exit()
+            if exit_reason is not None:
+                say(f"stopping: {exit_reason}")
+                break
         if cfg.save and saved_at != iteration:
             save()
+        if exit_reason is None or not exit_reason.startswith("exit_interval"):
+            _mark_interrupted(cfg.save, exit_reason)
     finally:
+        signals.close()
         monitor.close()
     seconds = time.perf_counter() - t_start
-    say(f"done: iteration {iteration}, {len(losses)} steps in {seconds:.1f} s")
-    return TrainResult(iteration, start_iteration, losses, valid_losses, last_checkpoint, seconds)
+    say(f"done: iteration {iteration}, {len(losses)} steps in {seconds:.1f} s"
+        + (f" ({skipped} skipped)" if skipped else ""))
+    return TrainResult(iteration, start_iteration, losses, valid_losses, last_checkpoint, seconds, skipped, exit_reason)

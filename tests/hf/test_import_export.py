@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from megaseg.config import HeadPlan, SegmentConfig
-from megaseg.hf.checkpoint import load_checkpoint, read_checkpoint
+from megaseg.checkpoint.weights import load_model_dir as load_checkpoint, read_model_dir as read_checkpoint
 from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint
 
 from .tiny_hf import hf_llama

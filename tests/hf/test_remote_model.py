@@ -7,7 +7,7 @@ import transformers.dynamic_module_utils as dynamic_modules
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from megaseg.config import HeadPlan, SegmentConfig
-from megaseg.hf.checkpoint import load_checkpoint
+from megaseg.checkpoint.weights import load_model_dir as load_checkpoint
 from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint
 from megaseg.inference import InferenceEngine
 
@@ -38,7 +38,8 @@ def test_export_writes_remote_code_config_and_modeling_file(exported):
     cfg = json.loads((root / "out" / "config.json").read_text())
     assert cfg["model_type"] == "megaseg_llama"
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_megaseg.MegasegLlamaForCausalLM"
-    assert cfg["megaseg"]["segment"] == {"segment_length": S, "tail_length": M, "retrieval_length": R, "tbptt_k": 1}
+    assert cfg["megaseg"]["segment"] == {"segment_length": S, "tail_length": M, "retrieval_length": R, "tbptt_k": 1,
+                                         "retrieval_group_reduce": "sum"}
     assert (root / "out" / "modeling_megaseg.py").is_file()
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(root / "out", trust_remote_code=False)

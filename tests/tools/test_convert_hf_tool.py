@@ -4,7 +4,7 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from megaseg.hf.checkpoint import read_checkpoint
+from megaseg.checkpoint.weights import read_model_dir as read_checkpoint
 
 from ..hf.tiny_hf import hf_llama, load_tool
 
@@ -27,8 +27,8 @@ def _one_line_error(capsys, argv, needle):
 
 def test_import_with_a_preset_plan_then_export(tmp_path, hf_dir, capsys):
     assert convert.main(["import", str(hf_dir), str(tmp_path / "ms"), "--segment-length", "64", "--tail-length", "16",
-                         "--retrieval-length", "32", "--head-plan", "interleaved", "--long-range-layers", "1,3",
-                         "--num-long-heads", "1"]) == 0
+                         "--retrieval-length", "32", "--head-plan-preset", "interleaved", "--long-range-layers", "1", "3",
+                         "--num-long-range-heads", "1"]) == 0
     _, cfg, _ = read_checkpoint(tmp_path / "ms")
     assert (cfg.segment.segment_length, cfg.segment.tail_length, cfg.segment.retrieval_length) == (64, 16, 32)
     assert cfg.head_plan.to_list() == [["segment", "local"], ["retrieval", "local"], ["segment", "local"], ["retrieval", "local"]]
@@ -42,7 +42,7 @@ def test_head_plan_from_a_json_file(tmp_path, hf_dir):
     modes = [["local", "retrieval"], ["segment", "local"], ["local", "local"], ["local", "segment"]]
     (tmp_path / "plan.json").write_text(json.dumps(modes))
     assert convert.main(["import", str(hf_dir), str(tmp_path / "ms"), "--segment-length", "16", "--tail-length", "4",
-                         "--head-plan", str(tmp_path / "plan.json")]) == 0
+                         "--head-plan-file", str(tmp_path / "plan.json")]) == 0
     _, cfg, _ = read_checkpoint(tmp_path / "ms")
     assert cfg.head_plan.to_list() == modes and cfg.segment.retrieval_length == 512
 
@@ -70,8 +70,9 @@ def test_unknown_architecture_is_a_one_line_error(tmp_path, hf_dir, capsys):
 
 
 @pytest.mark.parametrize("argv_tail, needle", [
-    (["--head-plan", "interleaved", "--num-long-heads", "5"], "num_long_heads=5"),
-    (["--head-plan", "zigzag"], "--head-plan='zigzag'"),
+    (["--head-plan-preset", "interleaved", "--num-long-range-heads", "5"], "num_long_range_heads=5"),
+    (["--head-plan-file", "nope.json"], "head_plan_file='nope.json'"),
+    (["--num-long-range-heads", "1"], "--num-long-range-heads is invalid without --head-plan-preset"),
     (["--segment-length", "16", "--tail-length", "32"], "tail_length=32"),
     (["--tp", "3"], "tp_size=3"),
 ])
@@ -88,7 +89,10 @@ def test_unsupported_rope_scaling_and_missing_weights_are_one_line_errors(tmp_pa
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     _one_line_error(capsys, ["import", str(hf_dir), str(tmp_path / "ms")], "no weights found")
-    _one_line_error(capsys, ["export", str(tmp_path / "nowhere"), str(tmp_path / "out")], "no megaseg_config.json")
+    _one_line_error(capsys, ["export", str(tmp_path / "nowhere"), str(tmp_path / "out")], "nowhere: does not exist")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["export", str(tmp_path / "empty"), str(tmp_path / "out")], "no checkpoint found")
+    _one_line_error(capsys, ["import", str(tmp_path / "empty"), str(tmp_path / "ms")], "no checkpoint found")
 
 
 def test_truncated_megaseg_checkpoint_is_a_one_line_error(tmp_path, hf_dir, capsys):

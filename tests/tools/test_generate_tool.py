@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 
 from megaseg.config import SegmentConfig
-from megaseg.hf.checkpoint import load_model
+from megaseg.checkpoint.formats import load_model
 from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint
 from megaseg.inference import InferenceEngine, SamplingConfig
 from megaseg.inference.tokenizer import TextTokenizer

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megaseg.training import checkpointing
+from megaseg.checkpoint import training as checkpointing
 from megaseg.training.trainer import pretrain
 from tests.training.synthetic import PatternDataset, tiny_config
 

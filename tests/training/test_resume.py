@@ -6,7 +6,7 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from megaseg.training import checkpointing
+from megaseg.checkpoint import training as checkpointing
 from megaseg.training.trainer import pretrain
 from tests.training.synthetic import PatternDataset, tiny_config
 

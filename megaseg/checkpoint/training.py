@@ -1,20 +1,27 @@
-"""Training checkpoints through megatron-core dist_checkpointing, written atomically.
+"""Pretraining checkpoints: megatron-core dist_checkpointing, written atomically.
 
 Layout of a save directory (Megatron's names):
 
     <save>/latest_checkpointed_iteration.txt   the iteration of the newest complete checkpoint
     <save>/iter_0000100/                       one dist_checkpointing checkpoint
         metadata.json, common.pt, .metadata, __*_*.distcp   (megatron-core)
+        tokenizer.model                        the run's sentencepiece tokenizer
         megaseg_manifest.json                  size and sha256 of every file above
 
-A checkpoint holds the model, the optimizer, the LR scheduler, every rank's RNG states and
-the data position (consumed samples). It is written to a hidden temporary directory, its
-manifest is written last, and only then is it renamed into place and the tracker replaced
-(each with an atomic rename): a crash at any point leaves the previous checkpoint and the
-tracker that names it untouched.
+A checkpoint holds the model, the optimizer, the LR scheduler, every rank's RNG states, the
+data position (consumed samples), the run's whole `PretrainConfig` and `ModelConfig`, and
+the tokenizer, so it is enough to resume, export or generate from. It is written to a
+hidden temporary directory, its manifest is written last, and only then is it renamed into
+place and the tracker replaced (each with an atomic rename): a crash at any point leaves
+the previous checkpoint and the tracker that names it untouched.
 
 Loading verifies the manifest first, so a truncated or damaged file, and a checkpoint of
 a different model, fail with a one-line `CheckpointError` naming the file.
+
+`read_training_weights` reads the model weights of a checkpoint saved at any
+tensor/pipeline-parallel layout in one process, without process groups or megatron model
+objects: dist_checkpointing stores every tensor in its global (unsharded) shape, with the
+layers stacked along a leading axis.
 """
 from __future__ import annotations
 
@@ -29,14 +36,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megaseg.checkpoint.errors import CheckpointError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "megaseg_manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+COMMON_FILE = "common.pt"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 22
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and says why."""
 
 
 @dataclass
@@ -162,7 +169,7 @@ def _sharded_state_dict(model, optimizer, scheduler, *, is_loading: bool, with_o
     return sd
 
 
-def save_checkpoint(
+def save_training_checkpoint(
     root: str,
     iteration: int,
     model,
@@ -172,11 +179,14 @@ def save_checkpoint(
     consumed_train_samples: int,
     args: dict[str, Any],
     model_config: dict[str, Any],
+    tokenizer_model: str | None = None,
 ) -> str:
     """Save everything needed to resume at ``iteration``; returns the iter_* directory.
 
     Collective: every rank calls it. ``model`` may be wrapped (DDP); ``args`` and
     ``model_config`` must be plain data (they go into common.pt and are compared on load).
+    ``tokenizer_model`` (a sentencepiece file) is copied in, so exports and generation
+    need nothing from the training run's data directory.
     """
     from megatron.core import dist_checkpointing
 
@@ -200,6 +210,8 @@ def save_checkpoint(
     dist_checkpointing.save(sd, tmp)
     _barrier()
     if _rank() == 0:
+        if tokenizer_model and os.path.isfile(tokenizer_model):
+            shutil.copyfile(tokenizer_model, os.path.join(tmp, TOKENIZER_FILE))
         _write_manifest(tmp)
         _commit(tmp, final, root, iteration)
     _barrier()
@@ -346,7 +358,7 @@ def _plain(value):
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def load_checkpoint(
+def load_training_checkpoint(
     path: str,
     model,
     optimizer=None,
@@ -426,3 +438,70 @@ def _describe(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+# ---- reading without a run ----------------------------------------------------------------------
+def is_training_checkpoint(path: str) -> bool:
+    """A save directory (with its tracker) or one iter_* directory of a pretraining run."""
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, TRACKER))
+        or (os.path.isfile(os.path.join(path, COMMON_FILE)) and os.path.isfile(os.path.join(path, "metadata.json")))
+    )
+
+
+def read_training_common(path: str) -> tuple[str, dict[str, Any]]:
+    """(iter_* directory, its common state: iteration, args, model_config, ...) of the
+    checkpoint ``path`` names, verified against the manifest. One process, no tensors."""
+    directory = find_checkpoint(path)
+    if directory is None:
+        raise CheckpointError(f"{path}: {TRACKER} is missing; no checkpoint was saved here yet")
+    verify_checkpoint(directory)
+    common_path = os.path.join(directory, COMMON_FILE)
+    try:
+        common = torch.load(common_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"{common_path}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(common, dict) or "model_config" not in common or "iteration" not in common:
+        raise CheckpointError(f"{common_path}: not a megaseg training checkpoint (no model_config/iteration)")
+    return directory, common
+
+
+def read_training_weights(path: str):
+    """(reference state dict with HF Llama names, ModelConfig, common state) of a pretraining
+    checkpoint saved at any TP/PP layout; ``path`` is a save directory or an iter_* directory."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megaseg.config import ConfigError, ModelConfig
+    from megaseg.megatron.convert import ConversionError, megatron_to_reference
+
+    directory, common = read_training_common(path)
+    try:
+        cfg = ModelConfig.from_dict(common["model_config"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{os.path.join(directory, COMMON_FILE)}: bad model config: {exc}") from None
+    try:
+        metadata = FileSystemReader(directory).read_metadata()
+        stacked = {
+            key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata) and not key.startswith(("optimizer", "rng_state"))
+        }
+        dcp_load(stacked, checkpoint_id=directory, no_dist=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign .distcp/.metadata file
+        raise CheckpointError(f"{directory}: model tensors unreadable ({_describe(exc)})") from None
+    megatron_sd = {}
+    for key, tensor in stacked.items():
+        if key.startswith("decoder.layers."):  # [num_layers, ...] -> one tensor per layer
+            if tensor.shape[0] != cfg.num_layers:
+                raise CheckpointError(f"{directory}: {key} holds {tensor.shape[0]} layers, the config {cfg.num_layers}")
+            rest = key[len("decoder.layers."):]
+            for i in range(cfg.num_layers):
+                megatron_sd[f"decoder.layers.{i}.{rest}"] = tensor[i]
+        else:
+            megatron_sd[key] = tensor
+    try:
+        return megatron_to_reference([megatron_sd], cfg), cfg, common
+    except ConversionError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megaseg.config import ConfigError, HeadPlan, ModelConfig, SegmentConfig
-from megaseg.hf.llama_config import CheckpointError, model_config_from_hf, passthrough_from_hf
+from megaseg.checkpoint.errors import CheckpointError
+from megaseg.hf.llama_config import model_config_from_hf, passthrough_from_hf
 from megaseg.models.llama import SegmentedLlamaForCausalLM
 from megaseg.ops.segmented_attention import SegmentedAttention
 
@@ -149,11 +150,11 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 # ---- megaseg checkpoint directory ----------------------------------------------------------
-def is_megaseg_checkpoint(path: str | os.PathLike) -> bool:
+def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def save_checkpoint(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+def save_model_dir(out_dir: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
                     hf: Mapping[str, Any] | None = None, tokenizer_from: str | os.PathLike | None = None,
                     tp_size: int = 1, pp_size: int = 1) -> Path:
     """Write a megaseg checkpoint directory; the weights are checked against ``cfg`` first."""
@@ -194,7 +195,7 @@ def prepare_output_dir(out: Path, replace: tuple[str, ...] = (WEIGHTS_NAME,)) ->
             (out / name).unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | os.PathLike, weights: bool = True):
+def read_model_dir(path: str | os.PathLike, weights: bool = True):
     """(state dict, ModelConfig, kept HF fields) of a megaseg checkpoint directory.
 
     With ``weights=False`` only the config is read (the state dict is None).
@@ -310,39 +311,10 @@ def build_model(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], dtype:
     return model.eval()
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_model_dir(path: str | os.PathLike, dtype: torch.dtype | None = None):
     """(model, kept HF fields) from a megaseg checkpoint directory."""
-    sd, cfg, hf = read_checkpoint(path)
+    sd, cfg, hf = read_model_dir(path)
     return build_model(cfg, sd, dtype), hf
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-               segment: SegmentConfig | None = None, head_plan: HeadPlan | None = None):
-    """(model, kept HF fields) from a megaseg checkpoint or a HF directory.
-
-    A HF directory may be a megaseg export (segment settings in its config) or a plain
-    Llama checkpoint, which then needs ``segment`` (and optionally ``head_plan``).
-    """
-    d = Path(path)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: not a directory")
-    if is_megaseg_checkpoint(d):
-        if segment is not None or head_plan is not None:
-            sd, cfg, hf = read_checkpoint(d)
-            cfg = _override(cfg, segment, head_plan, str(d))
-            return build_model(cfg, sd, dtype), hf
-        return load_checkpoint(d, dtype)
-    hf_cfg = read_json(d / "config.json")
-    cfg = model_config_from_hf(hf_cfg, segment, head_plan, source=str(d))
-    sd = check_weights(read_hf_weights(d), cfg, str(d))
-    return build_model(cfg, sd, dtype), passthrough_from_hf(hf_cfg)
-
-
-def _override(cfg: ModelConfig, segment, head_plan, source) -> ModelConfig:
-    try:
-        return cfg.replace(segment=segment or cfg.segment, head_plan=head_plan or cfg.head_plan)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

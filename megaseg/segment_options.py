@@ -1,0 +1,160 @@
+"""The segment settings and head-plan options, defined once for pretraining and every tool.
+
+    --segment-length 4096 --tail-length 512 --retrieval-length 512 --tbptt-k 1
+    --retrieval-group-reduce sum
+    --head-plan-preset interleaved --long-range-layers 6 8 11 18 --num-long-range-heads 8
+    --head-plan-preset prior --long-range-layers 6 8 --long-range-heads 0 3
+    --head-plan-file plan.json       # explicit [[mode per KV group] per layer]; wins over the preset
+
+`SEGMENT_OPTIONS` names each option's type, help and choices. Pretraining
+(`megaseg.training.arguments.PretrainConfig`) declares its fields from it with the default
+run's values; conversion, generation and evaluation tools add the same flags with no
+default, meaning "the checkpoint's setting" (`add_segment_options`,
+`resolve_segment_options`). `head_plan_from` is the one function turning the options into a
+`HeadPlan`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from megaseg.config import GROUP_REDUCTIONS, ConfigError, HeadPlan, SegmentConfig
+
+HEAD_PLAN_PRESETS = ("local", "prior", "contiguous", "interleaved", "paper-llama2-7b")
+
+
+@dataclass(frozen=True)
+class Option:
+    type: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    is_list: bool = False
+
+
+SEGMENT_OPTIONS: dict[str, Option] = {
+    "segment_length": Option(int, "S: tokens per segment"),
+    "tail_length": Option(int, "M: carried KV tail of `local` heads"),
+    "retrieval_length": Option(int, "R: retrieved prefix of `retrieval` heads (0 when none)"),
+    "tbptt_k": Option(int, "K: segments a loss backpropagates through (0 = detach every tail)"),
+    "retrieval_group_reduce": Option(str, "how a KV group's query heads combine retrieval scores", GROUP_REDUCTIONS),
+    "head_plan_preset": Option(str, "how long-range heads are chosen", HEAD_PLAN_PRESETS),
+    "long_range_layers": Option(int, "0-based layers whose long-range heads retrieve", is_list=True),
+    "num_long_range_heads": Option(int, "long-range KV groups per layer (contiguous/interleaved presets)"),
+    "long_range_heads": Option(int, "explicit long-range KV groups (prior preset)", is_list=True),
+    "head_plan_file": Option(str, "JSON file with the whole plan [[mode per KV group] per layer]; overrides the preset"),
+}
+PLAN_OPTIONS = ("head_plan_preset", "long_range_layers", "num_long_range_heads", "long_range_heads", "head_plan_file")
+SEGMENT_FIELDS = ("segment_length", "tail_length", "retrieval_length", "tbptt_k", "retrieval_group_reduce")
+
+
+def read_plan_file(path: str) -> HeadPlan:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"head_plan_file={path!r} is invalid: no such file")
+    try:
+        modes = json.loads(p.read_text())
+        if isinstance(modes, dict):  # a plan written with its provenance: {"head_plan": [...], ...}
+            modes = modes["head_plan"]
+        return HeadPlan(tuple(tuple(layer) for layer in modes))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"head_plan_file={path!r} is invalid: {e.msg} at line {e.lineno}") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"head_plan_file={path!r} is invalid: expected [[mode, ...] per layer]") from None
+
+
+def head_plan_from(preset: str, num_layers: int, num_kv_groups: int, long_range_layers: Sequence[int] = (),
+                   num_long_range_heads: int = 0, long_range_heads: Sequence[int] | None = None,
+                   head_plan_file: str | None = None) -> HeadPlan:
+    """The head plan the options describe (a plan file wins over the preset)."""
+    if head_plan_file:
+        plan = read_plan_file(head_plan_file)
+        if (plan.num_layers, plan.num_kv_groups) != (num_layers, num_kv_groups):
+            raise ConfigError(
+                f"head_plan_file={head_plan_file!r} is invalid: it has {plan.num_layers} layers x "
+                f"{plan.num_kv_groups} KV groups, the model {num_layers} x {num_kv_groups}")
+        return plan
+    if preset not in HEAD_PLAN_PRESETS:
+        raise ConfigError(f"head_plan_preset={preset!r} is invalid: allowed: {', '.join(HEAD_PLAN_PRESETS)}")
+    return HeadPlan.preset(preset, num_layers, num_kv_groups, long_range_layers=tuple(long_range_layers),
+                           long_range_heads=tuple(long_range_heads) if long_range_heads else None,
+                           num_long_range_heads=num_long_range_heads)
+
+
+# ---- tools: the same flags, defaulting to the checkpoint's settings ------------------------------
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_segment_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("segmented attention (default: the checkpoint's settings; the paper's for plain Llama)")
+    for name, opt in SEGMENT_OPTIONS.items():
+        kw = {"dest": name, "default": None, "help": opt.help}
+        if opt.is_list:
+            g.add_argument(flag(name), nargs="+", type=_int_items, metavar="INT", **kw)
+        elif opt.choices:
+            g.add_argument(flag(name), choices=opt.choices, **kw)
+        else:
+            g.add_argument(flag(name), type=opt.type, **kw)
+
+
+def _int_items(text: str) -> list[int]:
+    """One or several integers per word: `--long-range-layers 6 8` or `--long-range-layers 6,8`."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma-separated list of integers") from None
+
+
+def _flat(values) -> list[int] | None:
+    if values is None:
+        return None
+    return [v for item in values for v in (item if isinstance(item, list) else [item])]
+
+
+def segment_options_given(args) -> bool:
+    return any(getattr(args, name, None) is not None for name in SEGMENT_OPTIONS)
+
+
+def resolve_segment_options(args, num_layers: int, num_kv_groups: int, base_segment: SegmentConfig | None = None,
+                            base_plan: HeadPlan | None = None) -> tuple[SegmentConfig, HeadPlan]:
+    """(segment settings, head plan): the options first, then the checkpoint's, then defaults
+    (the paper's S = 4096, M = R = 512, K = 1; an all-`local` plan)."""
+    plan = head_plan_from_options(args, num_layers, num_kv_groups) or base_plan
+    plan = plan or HeadPlan.all_local(num_layers, num_kv_groups)
+    return segment_from_options(args, plan, base_segment), plan
+
+
+def head_plan_from_options(args, num_layers: int, num_kv_groups: int) -> HeadPlan | None:
+    """The plan the options ask for, or None when neither a preset nor a plan file is given."""
+    if args.head_plan_file is None and args.head_plan_preset is None:
+        for name in ("long_range_layers", "num_long_range_heads", "long_range_heads"):
+            if getattr(args, name) is not None:
+                raise ConfigError(f"{flag(name)} is invalid without --head-plan-preset (or --head-plan-file)")
+        return None
+    return head_plan_from(args.head_plan_preset or "local", num_layers, num_kv_groups,
+                          long_range_layers=_flat(args.long_range_layers) or (),
+                          num_long_range_heads=args.num_long_range_heads or 0,
+                          long_range_heads=_flat(args.long_range_heads), head_plan_file=args.head_plan_file)
+
+
+def segment_from_options(args, plan: HeadPlan, base: SegmentConfig | None = None) -> SegmentConfig:
+    """SegmentConfig from the options for the effective ``plan``, filling gaps from ``base``
+    (the checkpoint's settings) or the paper's defaults."""
+    base = base or SegmentConfig(4096, 512, 512, 1)
+    retrieval = args.retrieval_length
+    if retrieval is None:
+        retrieval = (base.retrieval_length or 512) if plan.has_retrieval() else 0
+    values = {name: getattr(args, name) if getattr(args, name) is not None else getattr(base, name)
+              for name in SEGMENT_FIELDS}
+    values["retrieval_length"] = retrieval
+    return SegmentConfig(**values)
