@@ -4,6 +4,7 @@
     python pretrain/pretrain_gpt.py                                   # the default run
     python pretrain/pretrain_gpt.py --load runs/default/checkpoints --train-iters 150
     python pretrain/pretrain_gpt.py --config examples/default.yaml --num-layers 6
+    python pretrain/pretrain_gpt.py --pretrained-checkpoint HF_LLAMA_DIR --head-plan-preset interleaved ...
     torchrun --nproc-per-node 2 pretrain/pretrain_gpt.py --config examples/default.yaml
 
 With no arguments it prepares the default dataset (Python stdlib sources, no download) in
@@ -55,7 +56,10 @@ def _is_rank0() -> bool:
 def resolve_data(cfg: PretrainConfig) -> tuple[list[str], str]:
     """(megatron blend, tokenizer model path); prepares the default dataset when no data is given.
 
-    Collective: rank 0 prepares, the others wait at a barrier and then find it complete.
+    The default dataset is tokenized with ``cfg.tokenizer_model`` when one is set (e.g. the
+    tokenizer of a pretrained checkpoint), in a directory of its own; otherwise it trains
+    its own tokenizer. Collective: rank 0 prepares, the others wait at a barrier and then
+    find it complete.
     """
     import torch.distributed as dist
 
@@ -64,17 +68,70 @@ def resolve_data(cfg: PretrainConfig) -> tuple[list[str], str]:
             raise ConfigError("tokenizer_model=None is invalid: --data-path needs --tokenizer-model")
         return list(cfg.data_path), cfg.tokenizer_model
 
-    from megaseg.data.default_data import prepare_default_data
+    from megaseg.data.default_data import default_data_dir_for, prepare_default_data
 
+    directory = default_data_dir_for(cfg.default_data_dir, cfg.tokenizer_model)
     say = print if _is_rank0() else (lambda *_: None)
     data = None
     if _is_rank0():
-        data = prepare_default_data(cfg.default_data_dir, log=lambda msg: say(f"default data: {msg}"))
+        data = prepare_default_data(directory, tokenizer_model=cfg.tokenizer_model,
+                                    log=lambda msg: say(f"default data: {msg}"))
     if dist.is_initialized():
         dist.barrier()
     if data is None:
-        data = prepare_default_data(cfg.default_data_dir, log=lambda msg: None)
-    return [data.data_prefix], cfg.tokenizer_model or str(data.tokenizer_model)
+        data = prepare_default_data(directory, tokenizer_model=cfg.tokenizer_model, log=lambda msg: None)
+    return [data.data_prefix], str(data.tokenizer_model)
+
+
+ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                       "kv_channels", "norm_epsilon", "rotary_base", "rope_scaling_type", "rope_scaling_factor",
+                       "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position_embeddings",
+                       "untie_embeddings_and_output_weights", "vocab_size")
+
+
+def apply_pretrained(cfg: PretrainConfig):
+    """(config with the pretrained checkpoint's architecture and tokenizer, its reference weights).
+
+    The architecture comes from the checkpoint: a flag left at its default takes the
+    checkpoint's value, a flag set to another value is an error naming both. Segment
+    settings and head plan are this run's (continued pretraining changes how the model is
+    segmented, not its shape).
+    """
+    from megaseg.checkpoint.formats import checkpoint_shape, read_model
+    from megaseg.config import SegmentConfig
+    from megaseg.segment_options import head_plan_from
+
+    path = cfg.pretrained_checkpoint
+    layers, groups, _, _ = checkpoint_shape(path)
+    plan = head_plan_from(cfg.head_plan_preset, layers, groups, cfg.long_range_layers, cfg.num_long_range_heads,
+                          cfg.long_range_heads or None, cfg.head_plan_file)
+    segment = SegmentConfig(cfg.segment_length, cfg.tail_length, cfg.retrieval_length, cfg.tbptt_k,
+                            cfg.retrieval_group_reduce)
+    source = read_model(path, segment=segment, head_plan=plan)
+    m = source.config
+    arch = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.intermediate_size,
+                num_attention_heads=m.num_heads, num_query_groups=m.num_kv_heads, kv_channels=m.head_dim,
+                norm_epsilon=m.rms_norm_eps, rotary_base=m.rope.theta, rope_scaling_type=m.rope.scaling_type,
+                rope_scaling_factor=m.rope.factor, rope_low_freq_factor=m.rope.low_freq_factor,
+                rope_high_freq_factor=m.rope.high_freq_factor,
+                rope_original_max_position_embeddings=m.rope.original_max_position_embeddings,
+                untie_embeddings_and_output_weights=not m.tie_word_embeddings, vocab_size=m.vocab_size)
+    defaults = PretrainConfig.__dataclass_fields__
+    for name in ARCHITECTURE_FIELDS:
+        value, default = getattr(cfg, name), defaults[name].default
+        if value != default and value != arch[name]:
+            raise ConfigError(f"{name}={value!r} is invalid: the pretrained checkpoint {path} has {name}={arch[name]!r} "
+                              "(leave the flag out to take the checkpoint's)")
+    tokenizer = cfg.tokenizer_model
+    if tokenizer is None and source.tokenizer is not None:
+        tokenizer = source.tokenizer if source.tokenizer.endswith(".model") else str(Path(source.tokenizer) / "tokenizer.model")
+        if not Path(tokenizer).is_file():
+            raise ConfigError(f"pretrained_checkpoint={path!r} has no sentencepiece tokenizer.model; "
+                              "pass --tokenizer-model")
+    if tokenizer is None:
+        raise ConfigError(f"pretrained_checkpoint={path!r} has no tokenizer; pass --tokenizer-model")
+    values = {**cfg.to_dict(), **arch, "tokenizer_model": tokenizer}
+    return PretrainConfig(**values), source.state_dict
 
 
 def build_datasets(cfg: PretrainConfig, blend: list[str], tokenizer):
@@ -115,7 +172,12 @@ def run(cfg: PretrainConfig) -> int:
         resolve_bf16(cfg.bf16)
         if cfg.load:
             locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save)
+        initial_weights = None
+        if cfg.pretrained_checkpoint:
+            cfg, initial_weights = apply_pretrained(cfg)
         blend, tokenizer_model = resolve_data(cfg)
+        # The config written into checkpoints names the tokenizer actually used.
+        cfg = PretrainConfig(**{**cfg.to_dict(), "tokenizer_model": tokenizer_model})
         tokenizer = validate_tokenizer(tokenizer_model)
         if cfg.vocab_size is not None and cfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(
@@ -124,7 +186,7 @@ def run(cfg: PretrainConfig) -> int:
             )
         model_config = cfg.model_config(tokenizer.vocab_size)
         train, valid = build_datasets(cfg, blend, tokenizer)
-        pretrain(cfg, model_config, train, valid)
+        pretrain(cfg, model_config, train, valid, initial_weights=initial_weights)
     finally:
         parallel.destroy_model_parallel()
     return 0

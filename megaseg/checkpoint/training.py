@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -488,7 +489,9 @@ def read_training_weights(path: str):
             for key, meta in metadata.state_dict_metadata.items()
             if isinstance(meta, TensorStorageMetadata) and not key.startswith(("optimizer", "rng_state"))
         }
-        dcp_load(stacked, checkpoint_id=directory, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_load(stacked, checkpoint_id=directory, no_dist=True)
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign .distcp/.metadata file
         raise CheckpointError(f"{directory}: model tensors unreadable ({_describe(exc)})") from None
     megatron_sd = {}

@@ -5,12 +5,17 @@
     # manifest.json (written last: its presence means the directory is complete)
 
 Calling it again with the same settings returns at once; different settings rebuild.
+With ``tokenizer_model`` the corpus is tokenized with that sentencepiece model (copied in)
+instead of a freshly trained one; `default_data_dir_for` gives such a build a directory of
+its own, named by the tokenizer's hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +33,7 @@ class DefaultDataSettings:
     min_bytes: int = DEFAULT_MIN_BYTES
     max_bytes: int | None = None
     python_version: str = platform.python_version()
+    tokenizer_sha256: str | None = None  # a given tokenizer instead of a trained one
 
 
 @dataclass(frozen=True)
@@ -59,13 +65,26 @@ def _load(directory: Path, settings: DefaultDataSettings) -> DefaultData | None:
     return data if all(f.is_file() for f in files) else None
 
 
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def default_data_dir_for(base: str | Path, tokenizer_model: str | Path | None) -> str:
+    """``base`` for the embedded tokenizer; ``base-<hash>`` for the corpus under another one."""
+    return str(base) if tokenizer_model is None else f"{base}-{_sha256(tokenizer_model)[:12]}"
+
+
 def prepare_default_data(
     output_dir: str | Path,
     settings: DefaultDataSettings = DefaultDataSettings(),
     workers: int = 2,
     log=print,
+    tokenizer_model: str | Path | None = None,
 ) -> DefaultData:
-    """Build (or find already built) the default dataset in `output_dir`."""
+    """Build (or find already built) the default dataset in `output_dir` (tokenized with
+    ``tokenizer_model`` when given, else with a tokenizer trained on the corpus)."""
+    if tokenizer_model is not None:
+        settings = DefaultDataSettings(**{**asdict(settings), "tokenizer_sha256": _sha256(tokenizer_model)})
     directory = Path(output_dir).resolve()
     existing = _load(directory, settings)
     if existing is not None:
@@ -84,18 +103,13 @@ def prepare_default_data(
         )
     log(f"corpus: {documents} stdlib source files -> {corpus}")
 
-    # An evenly spaced subset of documents, so the sample covers the whole library.
-    texts = [d.text for d in stdlib_documents(min_bytes=settings.min_bytes, max_bytes=settings.max_bytes)]
-    stride = max(1, round(sum(map(len, texts)) / settings.tokenizer_train_chars))
-    training_text, budget = [], settings.tokenizer_train_chars
-    for text in texts[::stride]:
-        lines = [line for line in text.splitlines() if line.strip()]
-        training_text.extend(lines)
-        budget -= sum(map(len, lines))
-        if budget <= 0:
-            break
-    model = train_tokenizer(training_text, directory / "tokenizer", vocab_size=settings.vocab_size)
-    log(f"tokenizer: vocab {settings.vocab_size} -> {model}")
+    if tokenizer_model is not None:
+        model = directory / "tokenizer.model"
+        shutil.copyfile(tokenizer_model, model)
+        log(f"tokenizer: {tokenizer_model} (given)")
+    else:
+        model = _train_default_tokenizer(directory, settings)
+        log(f"tokenizer: vocab {settings.vocab_size} -> {model}")
 
     result = preprocess_jsonl(corpus, model, directory / "stdlib", workers=workers)
     prefix = result.prefixes["text"]
@@ -111,3 +125,18 @@ def prepare_default_data(
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return DefaultData(directory, model, prefix, result.documents, tokens)
+
+
+def _train_default_tokenizer(directory: Path, settings: DefaultDataSettings) -> Path:
+    """A sentencepiece model trained on an evenly spaced subset of the corpus documents, so
+    the sample covers the whole library."""
+    texts = [d.text for d in stdlib_documents(min_bytes=settings.min_bytes, max_bytes=settings.max_bytes)]
+    stride = max(1, round(sum(map(len, texts)) / settings.tokenizer_train_chars))
+    training_text, budget = [], settings.tokenizer_train_chars
+    for text in texts[::stride]:
+        lines = [line for line in text.splitlines() if line.strip()]
+        training_text.extend(lines)
+        budget -= sum(map(len, lines))
+        if budget <= 0:
+            break
+    return train_tokenizer(training_text, directory / "tokenizer", vocab_size=settings.vocab_size)

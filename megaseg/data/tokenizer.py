@@ -119,12 +119,13 @@ class SentencePieceTokenizer:
 def validate_tokenizer(model_path: str | Path, require_byte_fallback: bool = True) -> SentencePieceTokenizer:
     """Load a model and check it has the special tokens megaseg's datasets need."""
     tokenizer = SentencePieceTokenizer(model_path)
-    for name in ("pad", "eos"):
-        try:
-            getattr(tokenizer, name)
-        except AttributeError as exc:
-            raise TokenizerError(str(exc)) from None
-    if tokenizer.pad == tokenizer.eod:
+    try:
+        tokenizer.eos
+    except AttributeError as exc:
+        raise TokenizerError(str(exc)) from None
+    # pad is optional (Llama's tokenizer has none): megatron's datasets then pad with -1,
+    # which never occurs, since sequences are packed from the indexed dataset.
+    if tokenizer._sp.pad_id() >= 0 and tokenizer.pad == tokenizer.eod:
         raise TokenizerError(f"{model_path}: pad and eod share id {tokenizer.pad}")
     if require_byte_fallback and not tokenizer.has_byte_fallback:
         raise TokenizerError(f"{model_path} has no byte fallback pieces; retrain with byte_fallback")

@@ -105,6 +105,8 @@ def write_tokenizer_config(out_dir: str | os.PathLike, hf: dict | None = None) -
         "add_bos_token": True,
         "add_eos_token": False,
         "legacy": False,
+        # Whether sentencepiece prepends "▁" to the text (megaseg's own tokenizers do not).
+        "add_prefix_space": sp.EncodeAsPieces("a")[0].startswith("\u2581"),
         "model_max_length": int((hf or {}).get("max_position_embeddings") or 1_000_000_000),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -38,16 +38,6 @@ def _one_line_error(proc, *needles):
     assert "Traceback" not in proc.stdout
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """A small stdlib dataset with a 512-token tokenizer, built by the default-data pipeline."""
-    from megaseg.data.default_data import DefaultDataSettings, prepare_default_data
-
-    settings = DefaultDataSettings(vocab_size=512, tokenizer_train_chars=200_000, max_bytes=600_000)
-    data = prepare_default_data(tmp_path_factory.mktemp("data"), settings, workers=1, log=lambda msg: None)
-    return data.data_prefix, str(data.tokenizer_model)
-
-
 def test_trains_saves_tensorboard_and_resumes_from_the_command_line(small_data, tmp_path):
     prefix, tokenizer = small_data
     flags = TINY_FLAGS + ["--data-path", prefix, "--tokenizer-model", tokenizer, "--lr-decay-iters", "5",
