@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "hf": ["transformers"],
-        "test": ["pytest", "transformers"],
+        "test": ["pytest", "transformers", "lm-eval[hf]"],
+        # Evaluation of exported checkpoints with lm-evaluation-harness (HF backend).
+        "eval": ["lm-eval[hf]", "transformers"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],

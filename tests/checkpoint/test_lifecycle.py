@@ -16,37 +16,11 @@ from megaseg.megatron import parallel
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pretrain" / "pretrain_gpt.py"
-TINY_FLAGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
-    "--ffn-hidden-size", "64", "--seq-length", "64", "--segment-length", "16", "--tail-length", "4",
-    "--retrieval-length", "4", "--long-range-layers", "1", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--min-lr", "1e-3", "--log-interval", "1", "--eval-iters", "0", "--split", "90,10,0",
-    "--tensorboard-dir", "none",
-]
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-
-
-def _torchrun(*args, cwd, nproc=2):
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(SCRIPT),
-         *map(str, args)], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+from tests.checkpoint.conftest import TINY_FLAGS, torchrun as _torchrun
 
 
 def _step_losses(stdout):
     return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("iteration ")]
-
-
-@pytest.fixture(scope="module")
-def tp2_checkpoint(small_data, tmp_path_factory):
-    prefix, tokenizer = small_data
-    cwd = tmp_path_factory.mktemp("tp2")
-    run = _torchrun(*TINY_FLAGS, "--data-path", prefix, "--tokenizer-model", tokenizer, "--train-iters", "2",
-                    "--tensor-model-parallel-size", "2", "--save", "ckpt", cwd=cwd)
-    assert run.returncode == 0, run.stderr
-    return cwd / "ckpt"
 
 
 @pytest.fixture(scope="module")
