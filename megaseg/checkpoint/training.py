@@ -141,6 +141,19 @@ def parallel_layout() -> dict[str, int]:
     }
 
 
+def full_layout() -> dict[str, int]:
+    """Every parallel size of the saving run (for inspection; loading reshards any of them)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "context_parallel_size": ps.get_context_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+    }
+
+
 def _sharded_rng(state):
     """RNG states as a ShardedObject: one per (pipeline, tensor) rank, replicated over DP."""
     from megatron.core import parallel_state as ps
@@ -207,6 +220,7 @@ def save_training_checkpoint(
         args=args,
         model_config=model_config,
         parallel_layout=parallel_layout(),
+        layout=full_layout(),
     )
     dist_checkpointing.save(sd, tmp)
     _barrier()
