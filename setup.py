@@ -23,7 +23,8 @@ setup(
     ],
     extras_require={
         "hf": ["transformers"],
-        "test": ["pytest", "transformers"],
+        # triton: its interpreter runs the fused attention kernel's tests on CPU.
+        "test": ["pytest", "transformers", "triton"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],

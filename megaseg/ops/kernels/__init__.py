@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -114,24 +115,30 @@ def get_default() -> str:
 
 
 def triton_available() -> bool:
-    """Whether the ``triton`` package is installed (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package can be imported (it is not imported here)."""
+    if "triton" in sys.modules:
+        return sys.modules["triton"] is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def triton_supports(batch: SegmentBatch) -> bool:
-    """Whether the Triton kernel handles this batch's dtype and head dim."""
-    return batch.q.dtype in _TRITON_DTYPES and batch.q.shape[-1] <= 256 and batch.q.shape[-1] % 2 == 0
+def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the Triton kernel takes this dtype and head dim."""
+    return dtype in _TRITON_DTYPES and head_dim <= 256 and head_dim % 2 == 0
 
 
-def resolve(name: str | None, batch: SegmentBatch) -> str:
-    """The concrete kernel (``sdpa`` or ``triton``) that ``name`` selects for ``batch``.
+def choose(name: str | None, device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The concrete kernel (``sdpa`` or ``triton``) that ``name`` (None: the process
+    default) selects for tensors of this device type, dtype and head dim.
 
     ``auto`` falls back to ``sdpa`` off CUDA, without triton, or for a dtype/head dim the
     Triton kernel does not take; an explicit ``triton`` that cannot run is an error.
     """
     name = _check_name(name or _default)
     if name == "auto":
-        use = batch.q.is_cuda and triton_available() and triton_supports(batch)
+        use = device_type == "cuda" and triton_available() and triton_supports(dtype, head_dim)
         return "triton" if use else "sdpa"
     if name == "triton":
         if not triton_available():
@@ -139,12 +146,17 @@ def resolve(name: str | None, batch: SegmentBatch) -> str:
                 "attention kernel 'triton' needs the triton package, which is not installed; "
                 "pip install triton, or select the 'sdpa' (or 'auto') kernel"
             )
-        if not triton_supports(batch):
+        if not triton_supports(dtype, head_dim):
             raise ValueError(
                 f"the Triton kernel takes fp16/bf16/fp32 and an even head dim <= 256, got "
-                f"{batch.q.dtype} and head dim {batch.q.shape[-1]}; select the 'sdpa' kernel"
+                f"{dtype} and head dim {head_dim}; select the 'sdpa' kernel"
             )
     return name
+
+
+def resolve(name: str | None, batch: SegmentBatch) -> str:
+    """`choose` for the tensors of ``batch``."""
+    return choose(name, batch.q.device.type, batch.q.dtype, batch.q.shape[-1])
 
 
 def get_kernel(name: str) -> AttentionKernel:
