@@ -103,6 +103,7 @@ def build_datasets(cfg: PretrainConfig, blend: list[str], tokenizer):
 def run(cfg: PretrainConfig) -> int:
     from megaseg.data.tokenizer import validate_tokenizer
     from megaseg.megatron import parallel
+    from megaseg.ops import kernels
     from megaseg.training.checkpointing import locate_checkpoint
     from megaseg.training.trainer import check_batch_sizes, pretrain, resolve_bf16
 
@@ -113,6 +114,7 @@ def run(cfg: PretrainConfig) -> int:
         # Everything that can be checked cheaply is checked before data preparation.
         check_batch_sizes(cfg)
         resolve_bf16(cfg.bf16)
+        kernels.set_default(cfg.attention_kernel)
         if cfg.load:
             locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save)
         blend, tokenizer_model = resolve_data(cfg)
