@@ -93,7 +93,7 @@ class PretrainConfig:
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
     attention_kernel: str = _f(
         "auto", "segmented attention kernel: auto = fused Triton kernel on CUDA when triton imports, else the "
-        "SDPA reference (not stored in checkpoints)", "parallel", ("auto", "sdpa", "triton"),
+        "SDPA reference (not part of the model config)", "parallel", ("auto", "sdpa", "triton"),
     )
 
     # ---- data -------------------------------------------------------------------------------
