@@ -372,13 +372,14 @@ class _SegmentedAttention(torch.autograd.Function):
 
 def attend(batch: SegmentBatch, rotary) -> torch.Tensor:
     """Attention output [B, N, Q, H, D] of ``batch`` (see `SegmentBatch`), one fused launch."""
-    q, k, v = batch.q.contiguous(), batch.k.contiguous(), batch.v.contiguous()
+    q = batch.q.contiguous()
+    k, v = batch.k.to(q.dtype).contiguous(), batch.v.to(q.dtype).contiguous()
     D = q.shape[-1]
     P = batch.prefix_slots
     pk = batch.prefix_k.contiguous() if P else None
     pv = batch.prefix_v.contiguous() if P else None
     if pk is not None:
-        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+        pk, pv = pk.to(q.dtype).contiguous(), pv.to(q.dtype).contiguous()
     plen = batch.prefix_len.to(device=q.device, dtype=torch.int32).contiguous()
     # Largest position: a full prefix followed by the whole segment.
     cos, sin = rotary.tables(P + k.shape[2], q.device, torch.float32)
