@@ -61,6 +61,31 @@ def test_triton_bf16_within_bf16_tolerance(interpreted, case):
     assert all(t <= 4 * s + 1e-3 for t, s in zip(res["grad"], res["grad_sdpa_bf16"])), res
 
 
+@needs_triton
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter does not run Triton's compiler; this compiles every kernel of the
+    CUDA path (rope, forward, dQ, dK/dV prefix and segment) for sm_90 with the launch
+    configuration `attend` uses, in bf16 at head dims 64 and 128, and checks that each fits
+    the shared memory of an A100 (the smallest target here; H100/H200 have more)."""
+    code = (
+        "import json, torch\n"
+        "from megaseg.ops.kernels import triton_segmented as t\n"
+        "print(json.dumps({d: t.compile_for(90, torch.bfloat16, d, 4) for d in (64, 128)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    compiled = json.loads(proc.stdout)
+    for d, kernels_ in compiled.items():
+        assert set(kernels_) == {"rope", "rope_inverse", "forward", "backward_dq",
+                                 "backward_dkdv_prefix", "backward_dkdv_segment"}
+        for name, meta in kernels_.items():
+            assert meta["cubin_bytes"] > 0, (d, name)
+            assert meta["shared_bytes"] <= 163 * 1024, (d, name, meta)
+
+
 # ---------------------------------------------------------------------------------------
 # Selection
 def test_auto_selects_triton_only_on_cuda_with_triton(monkeypatch):
