@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 import traceback
@@ -60,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, ModelConfig  # noqa: E402
+from megaseg.config import LOCAL, SEGMENT, ModelConfig  # noqa: E402
 
 # Dense bf16 tensor-core peak, TFLOP/s, by device name fragment (first match wins).
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("GH200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4),
