@@ -172,7 +172,9 @@ class SegmentedAttention(torch.nn.Module):
         dev = k_all.device
         used = [m for m, on in ((LOCAL, self._uses_tail), (RETRIEVAL, self._uses_retrieval)) if on]
         parts = {m: self._mode_prefix(m, k_all, v_all, state, n_seg, ret) for m in used}
-        width = max([0] + [max(0 if f is None else f.shape[1], 0 if b is None else b.shape[2]) for f, _, b, _, _ in parts.values()])
+        width = 0
+        for first_k, _, body, _, _ in parts.values():
+            width = max(width, 0 if first_k is None else first_k.shape[1], 0 if body is None else body.shape[2])
         lens = torch.zeros(n_seg, G, dtype=torch.long, device=dev)
         for m, (_, _, _, _, mode_len) in parts.items():
             lens[:, getattr(self, f"_{m}_groups")] = mode_len[:, None]
