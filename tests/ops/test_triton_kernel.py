@@ -139,3 +139,29 @@ def test_segment_batch_rejects_inconsistent_shapes():
     b = SegmentBatch(q, k, k, torch.zeros(1, 2, 5, 2, 8), torch.zeros(1, 2, 5, 2, 8),
                      torch.zeros(2, 2, dtype=torch.long), q_offset=1)
     assert b.prefix_slots == 5 and b.heads_per_group == 2
+
+
+def test_pretrain_flag_selects_the_process_default(monkeypatch):
+    import importlib.util
+
+    from megaseg.config import ConfigError
+    from megaseg.training.arguments import PretrainConfig, parse_args
+
+    assert parse_args([]).attention_kernel == "auto"
+    with pytest.raises(ConfigError, match="allowed: auto, sdpa, triton"):
+        PretrainConfig(attention_kernel="flash")
+    # pretrain_gpt.run sets the process default before it prepares data or builds a model.
+    spec = importlib.util.spec_from_file_location("pretrain_gpt_flag", REPO / "pretrain" / "pretrain_gpt.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    class Reached(Exception):
+        pass
+
+    def stop(cfg):
+        raise Reached(kernels.get_default())
+
+    monkeypatch.setattr(kernels, "_default", "auto")
+    monkeypatch.setattr(script, "resolve_data", stop)
+    with pytest.raises(Reached, match="^sdpa$"):
+        script.run(parse_args(["--attention-kernel", "sdpa"]))
