@@ -56,7 +56,7 @@ def _rope_kernel(
     pid = tl.program_id(1)
     h = pid % HX
     n = (pid // HX) % N
-    b = pid // (HX * N)
+    b = (pid // (HX * N)).to(tl.int64)  # batch offsets may pass 2**31 elements
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     sw_d = (offs_d + D // 2) % D
@@ -91,7 +91,7 @@ def _fwd_kernel(
     pid = tl.program_id(1)
     h = pid % H
     n = (pid // H) % N
-    b = pid // (H * N)
+    b = (pid // (H * N)).to(tl.int64)  # batch offsets may pass 2**31 elements
     g = h // HPG
     mm = tl.float32 if UPCAST else Q.dtype.element_ty  # the interpreter's bf16/fp16 dot is wrong: fp32 operands
     plen = tl.load(PLEN + n * G + g)
@@ -165,7 +165,7 @@ def _bwd_dq_kernel(
     pid = tl.program_id(1)
     h = pid % H
     n = (pid // H) % N
-    b = pid // (H * N)
+    b = (pid // (H * N)).to(tl.int64)  # batch offsets may pass 2**31 elements
     g = h // HPG
     dtype = Q.dtype.element_ty
     mm = tl.float32 if UPCAST else dtype
@@ -231,7 +231,7 @@ def _bwd_dkdv_kernel(
     pid = tl.program_id(1)
     g = pid % G
     n = (pid // G) % N
-    b = pid // (G * N)
+    b = (pid // (G * N)).to(tl.int64)  # batch offsets may pass 2**31 elements
     dtype = Q.dtype.element_ty
     mm = tl.float32 if UPCAST else dtype
     plen = tl.load(PLEN + n * G + g)
