@@ -23,7 +23,8 @@ setup(
     ],
     extras_require={
         "hf": ["transformers"],
-        "test": ["pytest", "transformers", "lm-eval[hf]"],
+        # triton: its interpreter runs the fused attention kernel's tests on CPU.
+        "test": ["pytest", "transformers", "triton", "lm-eval[hf]"],
         # Evaluation of exported checkpoints with lm-evaluation-harness (HF backend).
         "eval": ["lm-eval[hf]", "transformers"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch

@@ -161,6 +161,7 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.data.tokenizer import validate_tokenizer
     from megaseg.megatron import parallel
     from megaseg.checkpoint.training import locate_checkpoint
+    from megaseg.ops import kernels
     from megaseg.training.trainer import check_batch_sizes, pretrain, resolve_bf16
 
     parallel.initialize_model_parallel(
@@ -170,6 +171,7 @@ def run(cfg: PretrainConfig) -> int:
         # Everything that can be checked cheaply is checked before data preparation.
         check_batch_sizes(cfg)
         resolve_bf16(cfg.bf16)
+        kernels.set_default(cfg.attention_kernel)
         if cfg.load:
             locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save)
         initial_weights = None

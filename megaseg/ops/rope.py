@@ -37,16 +37,19 @@ class Rotary(torch.nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.register_buffer("inv_freq", inv_frequencies(rope, head_dim), persistent=False)
-        self._cos = self._sin = None
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, n: int, device, dtype):
-        if self._cos is None or self._cos.shape[0] < n or self._cos.device != device or self._cos.dtype != dtype:
-            size = max(n, 64 if self._cos is None else 2 * self._cos.shape[0])
+        """cos/sin [>= n, D] in ``dtype`` on ``device`` (cached per device and dtype)."""
+        key = (torch.device(device), dtype)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < n:
+            size = max(n, 64 if cached is None else 2 * cached[0].shape[0])
             t = torch.arange(size, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        return self._cos, self._sin
+            self._tables[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._tables[key]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., L, H, D] at integer positions broadcastable to x.shape[:-2]."""

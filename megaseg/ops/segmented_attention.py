@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, RopeConfig, SegmentConfig
+from megaseg.ops import kernels
+from megaseg.ops.kernels import SegmentBatch
 from megaseg.ops.retrieval import retrieve
 from megaseg.ops.rope import Rotary
 
@@ -64,8 +65,14 @@ class SegmentedAttention(torch.nn.Module):
         g*hpg .. (g+1)*hpg-1, as in Llama and megatron-core.
     """
 
-    def __init__(self, modes, segment: SegmentConfig, rope: RopeConfig, head_dim: int, heads_per_group: int):
+    def __init__(
+        self, modes, segment: SegmentConfig, rope: RopeConfig, head_dim: int, heads_per_group: int,
+        kernel: str | None = None,
+    ):
         super().__init__()
+        if kernel is not None and kernel not in kernels.KERNELS:
+            raise ValueError(f"kernel={kernel!r} is invalid: allowed {', '.join(kernels.KERNELS)}")
+        self.kernel = kernel  # None: the process default (megaseg.ops.kernels.set_default)
         self.modes = tuple(modes)
         self.segment = segment
         self.head_dim = head_dim
@@ -78,8 +85,8 @@ class SegmentedAttention(torch.nn.Module):
             self.register_buffer(f"_{m}_groups", torch.tensor(gs, dtype=torch.long), persistent=False)
             heads = [g * heads_per_group + h for g in gs for h in range(heads_per_group)]
             self.register_buffer(f"_{m}_heads", torch.tensor(heads, dtype=torch.long), persistent=False)
-        order = torch.cat([getattr(self, f"_{m}_heads") for m in (LOCAL, RETRIEVAL, SEGMENT)])
-        self.register_buffer("_unpermute", torch.argsort(order), persistent=False)
+        order = torch.cat([getattr(self, f"_{m}_groups") for m in (LOCAL, RETRIEVAL, SEGMENT)])
+        self.register_buffer("_group_unpermute", torch.argsort(order), persistent=False)
 
     def extra_repr(self) -> str:
         return f"modes={self.modes}, {self.segment}"
@@ -106,18 +113,12 @@ class SegmentedAttention(torch.nn.Module):
 
         # R for relative segments 1..closed (boundaries inside the run), batched.
         ret = self._retrieve_run(q_BLHD, k_all, v_all, state, j, closed) if self._uses_retrieval else None
-
-        outputs = []
-        for mode in (LOCAL, RETRIEVAL, SEGMENT):
-            if not self.groups[mode]:
-                continue
-            outputs.append(self._attend_mode(mode, q_BLHD, k_all, v_all, state, j, n_seg, ret))
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2).index_select(2, self._unpermute)
-
+        pre_k, pre_v, pre_len = self._prefixes(k_all, v_all, state, n_seg, ret)
+        out = self._attend_run(q_BLHD, k_all, v_all, pre_k, pre_v, pre_len, j, n_seg)
         return out, self._next_state(state, k_all, v_all, L, closed, ret)
 
     # ------------------------------------------------------------------------------------
-    def _retrieve_run(self, q_BLHD, k_all, v_all, state, j, closed):
+    def _retrieve_run(self, q_BLHD, k_all, v_all, state, j, closed) -> Retrieved | None:
         """Retrieved prefixes for the segments following each boundary closed in this run."""
         if closed == 0:
             return None
@@ -137,66 +138,90 @@ class SegmentedAttention(torch.nn.Module):
         keys, values, count = retrieve(
             q_end_BCGHD, pool_k, pool_v, valid_len, R, self.segment.retrieval_group_reduce
         )
-        return keys, values, count, pool_k, pool_v
+        return Retrieved(keys=keys, values=values, count=count, pool_k=pool_k, pool_v=pool_v)
 
-    def _prefixes(self, mode, k_all, v_all, state, n_seg, ret, gidx):
-        """Prefix KV [B, N, P, g, D] and valid length [N] for every segment of the run."""
+    def _mode_prefix(self, mode, k_all, v_all, state, n_seg, ret):
+        """One mode's prefix: (first segment's KV or None, later segments' KV [B, N-1, P', g, D]
+        or None, valid lengths [N]). The first segment of the run uses the state's prefix."""
         S, M = self.segment.segment_length, self.segment.tail_length
         B, _, _, D = k_all.shape
-        g = gidx.numel()
         dev = k_all.device
-        if mode == SEGMENT or (mode == LOCAL and not self._uses_tail) or (mode == RETRIEVAL and not self._uses_retrieval):
-            return None, None, torch.zeros(n_seg, dtype=torch.long, device=dev)
+        body = body_v = None
+        rest_len = torch.zeros(0, dtype=torch.long, device=dev)
         if mode == LOCAL:
             first_k, first_v = state.tail_k, state.tail_v
             if n_seg > 1:
                 # Tail of relative segment r-1 for r = 1..n_seg-1: its last M tokens.
+                gidx = self._local_groups
                 body = k_all[:, : (n_seg - 1) * S].reshape(B, n_seg - 1, S, -1, D)[:, :, S - M :].index_select(3, gidx)
                 body_v = v_all[:, : (n_seg - 1) * S].reshape(B, n_seg - 1, S, -1, D)[:, :, S - M :].index_select(3, gidx)
                 rest_len = torch.full((n_seg - 1,), M, dtype=torch.long, device=dev)
         else:
             first_k, first_v = state.ret_k, state.ret_v
             if n_seg > 1:
-                body, body_v, count = ret[0][:, : n_seg - 1], ret[1][:, : n_seg - 1], ret[2][: n_seg - 1]
-                rest_len = count
+                body, body_v, rest_len = ret.keys[:, : n_seg - 1], ret.values[:, : n_seg - 1], ret.count[: n_seg - 1]
         first_len = 0 if first_k is None else first_k.shape[1]
-        rest_width = body.shape[2] if n_seg > 1 else 0
-        width = max(first_len, rest_width)
-        if width == 0:
-            return None, None, torch.zeros(n_seg, dtype=torch.long, device=dev)
-        first_k = _pad_dim(first_k, 1, width) if first_k is not None else k_all.new_zeros(B, width, g, D)
-        first_v = _pad_dim(first_v, 1, width) if first_v is not None else v_all.new_zeros(B, width, g, D)
-        lens = [torch.tensor([first_len], device=dev)]
-        pk, pv = [first_k.unsqueeze(1)], [first_v.unsqueeze(1)]
-        if n_seg > 1:
-            pk.append(_pad_dim(body, 2, width))
-            pv.append(_pad_dim(body_v, 2, width))
-            lens.append(rest_len)
-        return torch.cat(pk, 1), torch.cat(pv, 1), torch.cat(lens)
+        lens = torch.cat([torch.tensor([first_len], device=dev), rest_len])
+        return first_k, first_v, body, body_v, lens
 
-    def _attend_mode(self, mode, q_BLHD, k_all, v_all, state, j, n_seg, ret):
+    def _prefixes(self, k_all, v_all, state, n_seg, ret):
+        """Prefix KV [B, N, P, G, D] of every segment of the run and group of the layer (None
+        when no segment has one), and the valid lengths [N, G]. Local groups hold the
+        carried tail, retrieval groups the retrieved tokens, segment groups nothing."""
+        B, _, G, D = k_all.shape
+        dev = k_all.device
+        used = [m for m, on in ((LOCAL, self._uses_tail), (RETRIEVAL, self._uses_retrieval)) if on]
+        parts = {m: self._mode_prefix(m, k_all, v_all, state, n_seg, ret) for m in used}
+        width = 0
+        for first_k, _, body, _, _ in parts.values():
+            width = max(width, 0 if first_k is None else first_k.shape[1], 0 if body is None else body.shape[2])
+        lens = torch.zeros(n_seg, G, dtype=torch.long, device=dev)
+        for m, (_, _, _, _, mode_len) in parts.items():
+            lens[:, getattr(self, f"_{m}_groups")] = mode_len[:, None]
+        if width == 0:
+            return None, None, lens
+        keys, values = [], []
+        for m in (LOCAL, RETRIEVAL, SEGMENT):
+            g = len(self.groups[m])
+            if not g:
+                continue
+            if m not in parts:
+                keys.append(k_all.new_zeros(B, n_seg, width, g, D))
+                values.append(v_all.new_zeros(B, n_seg, width, g, D))
+                continue
+            first_k, first_v, body, body_v, _ = parts[m]
+            first_k = _pad_dim(first_k, 1, width) if first_k is not None else k_all.new_zeros(B, width, g, D)
+            first_v = _pad_dim(first_v, 1, width) if first_v is not None else v_all.new_zeros(B, width, g, D)
+            pk, pv = [first_k.unsqueeze(1)], [first_v.unsqueeze(1)]
+            if n_seg > 1:
+                pk.append(_pad_dim(body, 2, width))
+                pv.append(_pad_dim(body_v, 2, width))
+            keys.append(torch.cat(pk, 1) if len(pk) > 1 else pk[0])
+            values.append(torch.cat(pv, 1) if len(pv) > 1 else pv[0])
+        if len(keys) == 1:
+            return keys[0], values[0], lens
+        return (
+            torch.cat(keys, 3).index_select(3, self._group_unpermute),
+            torch.cat(values, 3).index_select(3, self._group_unpermute),
+            lens,
+        )
+
+    def _attend_run(self, q, k, v, pre_k, pre_v, pre_len, j, n_seg):
+        """Output [B, L, H, D] of the run: at most two kernel calls, each over all groups."""
         S = self.segment.segment_length
-        gidx = getattr(self, f"_{mode}_groups")
-        hidx = getattr(self, f"_{mode}_heads")
-        whole = len(self.groups[mode]) == len(self.modes)
-        q = q_BLHD if whole else q_BLHD.index_select(2, hidx)
-        k = k_all if whole else k_all.index_select(2, gidx)
-        v = v_all if whole else v_all.index_select(2, gidx)
-        pre_k, pre_v, pre_len = self._prefixes(mode, k_all, v_all, state, n_seg, ret, gidx)
-        B, L, h, D = q.shape
+        B, L, H, D = q.shape
         total = j + L
         pieces = []
         # The open segment continued at offset j (when the run starts inside it).
         first_full = 0
         if j:
             lk = min(S, total)
-            pieces.append(
-                self._attend(
-                    q[:, : lk - j].unsqueeze(1), k[:, :lk].unsqueeze(1), v[:, :lk].unsqueeze(1),
-                    None if pre_k is None else pre_k[:, :1], None if pre_v is None else pre_v[:, :1],
-                    pre_len[:1], j,
-                )
+            batch = SegmentBatch(
+                q=q[:, : lk - j].unsqueeze(1), k=k[:, :lk].unsqueeze(1), v=v[:, :lk].unsqueeze(1),
+                prefix_k=None if pre_k is None else pre_k[:, :1], prefix_v=None if pre_v is None else pre_v[:, :1],
+                prefix_len=pre_len[:1], q_offset=j,
             )
+            pieces.append(kernels.attend(batch, self.rotary, self.kernel))
             first_full = 1
         if n_seg > first_full:
             # Whole segments, batched; with several, the last is padded to S (pads are
@@ -208,49 +233,15 @@ class SegmentedAttention(torch.nn.Module):
             qs, ks, vs = q[:, start - j :], k[:, start:], v[:, start:]
             if pad:
                 qs, ks, vs = (_pad_dim(t, 1, t.shape[1] + pad) for t in (qs, ks, vs))
-            o = self._attend(
-                qs.reshape(B, n, width, h, D), ks.reshape(B, n, width, -1, D), vs.reshape(B, n, width, -1, D),
-                None if pre_k is None else pre_k[:, first_full:], None if pre_v is None else pre_v[:, first_full:],
-                pre_len[first_full:], 0,
+            batch = SegmentBatch(
+                q=qs.reshape(B, n, width, H, D), k=ks.reshape(B, n, width, -1, D), v=vs.reshape(B, n, width, -1, D),
+                prefix_k=None if pre_k is None else pre_k[:, first_full:],
+                prefix_v=None if pre_v is None else pre_v[:, first_full:],
+                prefix_len=pre_len[first_full:], q_offset=0,
             )
-            pieces.append(o.reshape(B, n * width, h, D)[:, : n * width - pad])
-        return torch.cat([p.reshape(B, -1, h, D) for p in pieces], 1) if len(pieces) > 1 else pieces[0].reshape(B, L, h, D)
-
-    def _attend(self, q_BNQhD, k_BNKgD, v_BNKgD, pre_k, pre_v, pre_len_N, q_offset):
-        """Causal attention of each segment's queries over [its prefix ; its keys].
-
-        Positions (SEMANTICS §3): prefix slots 0..P-1, segment key t at prefix_len + t,
-        query a at prefix_len + q_offset + a.
-        """
-        B, N, Q, h, D = q_BNQhD.shape
-        K, g = k_BNKgD.shape[2], k_BNKgD.shape[3]
-        P = 0 if pre_k is None else pre_k.shape[2]
-        dev = q_BNQhD.device
-        key_pos = pre_len_N[:, None] + torch.arange(K, device=dev)  # [N, K]
-        q_rot = self.rotary(q_BNQhD, key_pos[:, q_offset : q_offset + Q])
-        k_rot = self.rotary(k_BNKgD, key_pos)
-        v_cat = v_BNKgD
-        if P:
-            pre_pos = torch.arange(P, device=dev).expand(N, P)
-            k_rot = torch.cat([self.rotary(pre_k, pre_pos), k_rot], 2)
-            v_cat = torch.cat([pre_v, v_BNKgD], 2)
-        # [B*N, heads, tokens, D] for scaled_dot_product_attention.
-        qf = q_rot.reshape(B * N, Q, h, D).transpose(1, 2)
-        kf = k_rot.reshape(B * N, P + K, g, D).transpose(1, 2)
-        vf = v_cat.reshape(B * N, P + K, g, D).transpose(1, 2)
-        if P == 0 and q_offset == 0 and Q == K:
-            o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=h != g)
-        else:
-            qpos = torch.arange(q_offset, q_offset + Q, device=dev)
-            causal_QK = torch.arange(K, device=dev)[None, :] <= qpos[:, None]
-            if P:
-                pre_ok_NP = torch.arange(P, device=dev)[None, :] < pre_len_N[:, None]
-                mask = torch.cat([pre_ok_NP[:, None, :].expand(N, Q, P), causal_QK.expand(N, Q, K)], 2)
-            else:
-                mask = causal_QK.expand(N, Q, K)
-            m = mask.unsqueeze(0).expand(B, N, Q, P + K).reshape(B * N, 1, Q, P + K)
-            o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=m, enable_gqa=h != g)
-        return o.transpose(1, 2).reshape(B, N, Q, h, D)
+            o = kernels.attend(batch, self.rotary, self.kernel)
+            pieces.append(o.reshape(B, n * width, H, D)[:, : n * width - pad])
+        return torch.cat([p.reshape(B, -1, H, D) for p in pieces], 1) if len(pieces) > 1 else pieces[0].reshape(B, L, H, D)
 
     def _next_state(self, state, k_all, v_all, L, closed, ret):
         S, M = self.segment.segment_length, self.segment.tail_length
@@ -268,11 +259,26 @@ class SegmentedAttention(torch.nn.Module):
             new.tail_k = k_all[:, last].index_select(2, self._local_groups)
             new.tail_v = v_all[:, last].index_select(2, self._local_groups)
         if ret is not None:
-            keys, values, count, pool_k, pool_v = ret
-            c = int(count[-1])
-            new.ret_k, new.ret_v = keys[:, -1, :c], values[:, -1, :c]
-            new.pool_k, new.pool_v = pool_k, pool_v
+            c = int(ret.count[-1])
+            new.ret_k, new.ret_v = ret.keys[:, -1, :c], ret.values[:, -1, :c]
+            new.pool_k, new.pool_v = ret.pool_k, ret.pool_v
         return new
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Retrieval results of one run: R for the segment after each boundary closed in it.
+
+    keys/values: [B, C, R', G_ret, D] retrieved KV per boundary (detached, original order).
+    count:       [C] valid retrieved tokens per boundary (the rest of R' is padding).
+    pool_k/v:    [B, T_closed, G_ret, D] the pool after the run (detached).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    count: torch.Tensor
+    pool_k: torch.Tensor
+    pool_v: torch.Tensor
 
 
 def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -106,6 +106,10 @@ class PretrainConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
     pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
+    attention_kernel: str = _f(
+        "auto", "segmented attention kernel: auto = fused Triton kernel on CUDA when triton imports, else the "
+        "SDPA reference (not part of the model config)", "parallel", ("auto", "sdpa", "triton"),
+    )
 
     # ---- data -------------------------------------------------------------------------------
     data_path: list[str] = _f([], "megatron blend: prefix ... or weight prefix ... (default: the default dataset)", "data")
