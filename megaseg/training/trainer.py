@@ -212,7 +212,7 @@ def get_batch(dataset, first_sample: int, count: int, seq_length: int):
             lab = lab.masked_fill(sample["loss_mask"] == 0, -100)
         tokens.append(torch.as_tensor(t, dtype=torch.long))
         labels.append(torch.as_tensor(lab, dtype=torch.long))
-    tokens_BT, labels_BT = torch.stack(tokens), torch.stack(labels)
+    tokens_BT, labels_BT = torch.stack(tokens).to(compute_device()), torch.stack(labels).to(compute_device())
     if tokens_BT.shape[1] != seq_length:
         raise ConfigError(
             f"seq_length={seq_length} is invalid: the dataset yields sequences of {tokens_BT.shape[1]} tokens"
@@ -230,8 +230,13 @@ def rank_microbatches(dataset, consumed: int, cfg: PretrainConfig):
     ]
 
 
+def compute_device() -> torch.device:
+    """Where batches and collective buffers live: this rank's GPU, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
     if dist.is_initialized() and data_parallel_size() > 1:
         from megatron.core import parallel_state
 
@@ -320,7 +325,7 @@ def grads_finite(model) -> bool:
     else:
         ok = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if hasattr(p, "main_grad"))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=compute_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         ok = bool(flag.item())
     return ok
@@ -404,7 +409,7 @@ class ExitSignals:
     def received(self) -> int | None:
         value = self.signum or 0
         if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([value], dtype=torch.int64)
+            t = torch.tensor([value], dtype=torch.int64, device=compute_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             value = int(t.item())
         return value or None
@@ -417,7 +422,7 @@ class ExitSignals:
 
 def _any_rank(flag: bool) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=compute_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
     return flag
