@@ -9,8 +9,10 @@ appends one token per call; a segment that fills closes inside the operator.
 Batching prompts of different lengths. Segment boundaries are absolute positions of each
 sequence and one operator call has a single position (``LayerState.tokens``), so rows at
 the same position form a ``SequenceGroup`` whose states are batched. Dense work
-(embedding, norms, projections, MLP, LM head) runs over the whole batch in one call; only
-the attention core is called once per group. Left padding to a common length was rejected:
+(embedding, norms, projections, MLP, LM head) runs over the whole batch in one call;
+prefill calls the attention core once per group, and decode of rows at different
+positions runs one batched attention step per layer over a `RowsState` (per-row positions
+and masks in one set of buffers). Left padding to a common length was rejected:
 it shifts every position of the shorter prompts and so moves their segment boundaries,
 which changes what a token attends to.
 
@@ -31,12 +33,12 @@ from megaseg.ops.segmented_attention import LayerState
 
 
 def _index_state(st: LayerState, idx: torch.Tensor) -> LayerState:
-    return replace(st, **{k: v.index_select(0, idx) for k, v in st.tensors().items()})
+    return replace(st, cache=None, **{k: v.index_select(0, idx) for k, v in st.tensors().items()})
 
 
 def _cat_states(states: Sequence[LayerState]) -> LayerState:
     first = states[0]
-    return replace(first, **{k: torch.cat([getattr(s, k) for s in states], 0) for k in first.tensors()})
+    return replace(first, cache=None, **{k: torch.cat([getattr(s, k) for s in states], 0) for k in first.tensors()})
 
 
 @dataclass
@@ -56,11 +58,49 @@ class SequenceGroup:
 
 
 class BatchState:
-    """Segmented state of a batch of sequences that may sit at different positions."""
+    """Segmented state of a batch of sequences that may sit at different positions.
+
+    Two equivalent forms: ``groups`` (rows at equal position, batched `LayerState`s) and,
+    while rows at different positions decode, one `RowsState` per layer (every row in
+    one set of buffers, so a decode step is one batched call per layer). Reading
+    ``groups`` converts back; the next decode step converts again.
+    """
 
     def __init__(self, groups: Sequence[SequenceGroup], batch_size: int):
         self.batch_size = batch_size
-        self.groups = _merge_equal_positions(groups)
+        self._groups = _merge_equal_positions(groups)
+        self._rows = None  # list of (core, RowsState) per layer while decoding rows at different positions
+
+    @property
+    def groups(self) -> list[SequenceGroup]:
+        if self._rows is not None:
+            self._groups = self._groups_from_rows()
+            self._rows = None
+        return self._groups
+
+    @groups.setter
+    def groups(self, value):
+        self._groups, self._rows = value, None
+
+    def rows_states(self, cores, like: torch.Tensor) -> list:
+        """One `RowsState` per layer (built from the groups on first use)."""
+        if self._rows is None:
+            per_row: list[list[LayerState] | None] = [None] * self.batch_size
+            for g in self._groups:
+                for li, r in enumerate(g.rows.tolist()):
+                    idx = torch.tensor([li], device=g.rows.device)
+                    per_row[r] = [_index_state(st, idx) for st in g.states]
+            self._rows = [(core, core.rows_state([per_row[r][layer] for r in range(self.batch_size)], like))
+                          for layer, core in enumerate(cores)]
+        return [rs for _, rs in self._rows]
+
+    def _groups_from_rows(self) -> list[SequenceGroup]:
+        dev = self._rows[0][1].k_open.device
+        groups = []
+        for r in range(self.batch_size):
+            states = [core.rows_row(rs, r) for core, rs in self._rows]
+            groups.append(SequenceGroup(torch.tensor([r], dtype=torch.long, device=dev), states))
+        return _merge_equal_positions(groups)
 
     def positions(self) -> list[int]:
         """Tokens processed so far, per row."""
@@ -122,22 +162,15 @@ class BatchState:
         return {"bounded": bounded, "pool": pool}
 
 
-class _GroupedLayer:
-    """One layer's slice of a BatchState, passed to the model as that layer's state.
+class _RowsLayer:
+    """One layer's `RowsState`, passed to the model as that layer's state: the core runs
+    one batched decode step for all rows (`SegmentedAttention.decode_rows`)."""
 
-    ``attend`` calls the segmented core once per group of rows at equal position and
-    updates each group's state in place; all other ops of the layer stay batched.
-    """
-
-    def __init__(self, groups: Sequence[SequenceGroup], layer: int):
-        self.groups, self.layer = groups, layer
+    def __init__(self, rows_state):
+        self.rows_state = rows_state
 
     def attend(self, core, q_BLHD, k_BLGD, v_BLGD):
-        out = torch.empty_like(q_BLHD)
-        for g in self.groups:
-            o, g.states[self.layer] = core(q_BLHD[g.rows], k_BLGD[g.rows], v_BLGD[g.rows], g.states[self.layer])
-            out[g.rows] = o
-        return out, self
+        return core.decode_rows(q_BLHD, k_BLGD, v_BLGD, self.rows_state), self
 
 
 def _drain(items: list):
@@ -269,19 +302,23 @@ class InferenceEngine:
     def decode(self, tokens_B: torch.Tensor, state: BatchState) -> torch.Tensor:
         """Append one token per row; returns its logits [B, V] and updates ``state`` in place.
 
-        The reference model's own forward runs over the whole batch; the attention core is
-        called once per group of equal position (``_GroupedLayer``).
+        The reference model's own forward runs over the whole batch. Rows at one position
+        decode with their batched `LayerState`s; rows at different positions in one
+        batched step per layer over a `RowsState` (``_RowsLayer``).
         """
         tokens_B = torch.as_tensor(tokens_B, dtype=torch.long, device=self.device).flatten()
         B = tokens_B.numel()
         if B != state.batch_size:
             raise ValueError(f"decode got {B} tokens for a batch of {state.batch_size}")
-        single = len(state.groups) == 1 and torch.equal(state.groups[0].rows.cpu(), torch.arange(B))
+        single = (state._rows is None and len(state.groups) == 1
+                  and torch.equal(state.groups[0].rows.cpu(), torch.arange(B)))
         if single:
             g = state.groups[0]
             hidden, g.states = self.decoder(tokens_B[:, None], _drain(g.states))
         else:
-            layers = [_GroupedLayer(state.groups, li) for li in range(self.config.num_layers)]
+            cores = [layer.self_attn.core for layer in self.decoder.layers]
+            like = self.decoder.layers[0].self_attn.k_proj.weight
+            layers = [_RowsLayer(rs) for rs in state.rows_states(cores, like)]
             hidden, _ = self.decoder(tokens_B[:, None], layers)
         return self.lm_head(hidden)[:, 0]
 

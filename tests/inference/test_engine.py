@@ -138,3 +138,33 @@ def test_bad_prompts_are_one_line_errors(prompts, message):
     with pytest.raises(ValueError, match=message) as e:
         engine.generate(prompts, 3)
     assert "\n" not in str(e.value)
+
+
+def test_rows_at_different_positions_decode_in_one_step_and_convert_back_exactly():
+    model = tiny_model(seed=9, S=S, M=M, R=R)
+    prompt_lens = [3, 8, 11, 1]
+    steps = 2 * S + 5
+    seqs = random_ids([n + steps for n in prompt_lens], model.config.vocab_size, seed=9)
+    refs = [_training_logits(model, s) for s in seqs]
+    engine = InferenceEngine(model)
+    logits, state = engine.prefill([s[:n] for s, n in zip(seqs, prompt_lens)])
+    worst = 0.0
+    for step in range(steps):
+        for i, n in enumerate(prompt_lens):
+            worst = max(worst, (logits[i] - refs[i][n - 1 + step]).abs().max().item())
+        tokens = torch.stack([s[n + step] for s, n in zip(seqs, prompt_lens)])
+        logits = engine.decode(tokens, state)
+        assert state._rows is not None  # one batched state per layer while decoding
+        if step % 7 == 3:
+            # Reading the groups converts back; the bounded state stays within S + M.
+            assert state.positions() == [n + step + 1 for n in prompt_lens]
+            for row in state.layer_tokens():
+                assert row["open"] < S and row["tail"] <= M
+    assert worst <= 1e-5
+    # A row-mode state can be reordered and repeated like any other.
+    sel = state.select([2, 0, 2])
+    more = random_ids([1], model.config.vocab_size, seed=10)[0]
+    logits = engine.decode(torch.stack([more[0]] * 3), sel)
+    for out_row, i in enumerate((2, 0, 2)):
+        full = torch.cat([seqs[i], more])
+        assert (logits[out_row] - _training_logits(model, full)[-1]).abs().max().item() <= 1e-5
