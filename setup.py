@@ -27,6 +27,8 @@ setup(
         "test": ["pytest", "transformers", "triton", "lm-eval[hf]"],
         # Evaluation of exported checkpoints with lm-evaluation-harness (HF backend).
         "eval": ["lm-eval[hf]", "transformers"],
+        # tools/bench_inference.py and tools/bench_tbptt.py: stock peers and the plot.
+        "bench": ["transformers", "matplotlib"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],
