@@ -51,6 +51,14 @@ class Rotary(torch.nn.Module):
             self._tables[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self._tables[key]
 
+    def rotate_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x [..., L, H, D] at the consecutive positions start .. start+L-1 (a slice
+        of the tables, no gather); equal to ``forward`` with those positions."""
+        n = x.shape[-3]
+        cos, sin = self.tables(start + n, x.device, x.dtype)
+        cos, sin = cos[start : start + n, None], sin[start : start + n, None]
+        return x * cos + _rotate_half(x) * sin
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., L, H, D] at integer positions broadcastable to x.shape[:-2]."""
         n = int(positions.max().item()) + 1 if positions.numel() else 1

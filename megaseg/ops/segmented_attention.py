@@ -23,7 +23,7 @@ from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, RopeConfig, SegmentConfig
 from megaseg.ops import kernels
 from megaseg.ops.kernels import SegmentBatch
 from megaseg.ops.retrieval import retrieve
-from megaseg.ops.rope import Rotary
+from megaseg.ops.rope import Rotary, _rotate_half
 
 
 @dataclass
@@ -543,7 +543,3 @@ def _cache_matches(state: LayerState, j: int) -> bool:
         and c.prefix[1] is state.ret_k
     )
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

@@ -134,3 +134,13 @@ def test_rows_at_different_positions_equal_one_pass_per_row():
         assert row.tokens == end.tokens
         for name, t in end.tensors().items():
             torch.testing.assert_close(getattr(row, name), t, rtol=0, atol=0)
+
+
+def test_rotation_from_a_table_slice_equals_the_gather():
+    from megaseg.ops.rope import Rotary
+
+    rot = Rotary(RopeConfig(theta=500.0), 8)
+    x = torch.randn(2, 3, 7, 4, 8, dtype=torch.float64)
+    for start in (0, 5, 130):
+        pos = torch.arange(start, start + 7).expand(3, 7)
+        torch.testing.assert_close(rot.rotate_from(x, start), rot(x, pos), rtol=0, atol=0)

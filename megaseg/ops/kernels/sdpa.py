@@ -46,14 +46,19 @@ def _attend_groups(batch: SegmentBatch, rotary, groups, pre_len_N):
     K, g = k.shape[2], k.shape[3]
     q_offset = batch.q_offset
     dev = q.device
-    key_pos = pre_len_N[:, None] + torch.arange(K, device=dev)  # [N, K]
-    q_rot = rotary(q, key_pos[:, q_offset : q_offset + Q])
-    k_rot = rotary(k, key_pos)
+    if N == 1 or bool((pre_len_N == pre_len_N[0]).all()):
+        # One prefix length: consecutive positions, rotated from a slice of the tables.
+        p0 = int(pre_len_N[0]) if pre_len_N.numel() else 0
+        q_rot = rotary.rotate_from(q, p0 + q_offset)
+        k_rot = rotary.rotate_from(k, p0)
+    else:
+        key_pos = pre_len_N[:, None] + torch.arange(K, device=dev)  # [N, K]
+        q_rot = rotary(q, key_pos[:, q_offset : q_offset + Q])
+        k_rot = rotary(k, key_pos)
     v_cat = v
     if P:
         pre_k, pre_v = pre_k[:, :, :P], pre_v[:, :, :P]
-        pre_pos = torch.arange(P, device=dev).expand(N, P)
-        k_rot = torch.cat([rotary(pre_k, pre_pos), k_rot], 2)
+        k_rot = torch.cat([rotary.rotate_from(pre_k, 0), k_rot], 2)
         v_cat = torch.cat([pre_v, v], 2)
     # [B*N, heads, tokens, D] for scaled_dot_product_attention.
     qf = q_rot.reshape(B * N, Q, h, D).transpose(1, 2)
