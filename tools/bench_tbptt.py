@@ -37,6 +37,11 @@ dim, F MLP width, V vocabulary:
                        the segment (all positions) but not the last layer's attention/MLP
                        or the LM head: 2 x (forward FLOPs of layers 0..L-2 of the segment)
 
+``--paired`` times only: for each T one process builds the ``--rows``, warms them and
+alternates their steps for ``--repeats`` rounds, so the ratios between rows see the same
+load (the separate processes above are needed for memory, but on a shared machine their
+step times drift with the load between processes).
+
 MFU counts executed FLOPs (the TBPTT extra included); ``model_flops`` without the extra
 is reported as well. Both sides of every ratio are measured on the same machine in the
 same run; one torch thread by default (the least disturbed setting on a shared machine).
@@ -142,7 +147,10 @@ def _megatron_model(cfg: ModelConfig, stock: bool):
     from megaseg.megatron import parallel
     from megaseg.megatron.model import build_model, transformer_config_from
 
-    parallel.initialize_model_parallel(tp=1, pp=1, seed=1234)
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize_model_parallel(tp=1, pp=1, seed=1234)
     if not stock:
         return build_model(cfg, use_te=False)
     from megatron.core.models.gpt import GPTModel
@@ -238,6 +246,29 @@ def run_point(args, row: str, T: int) -> dict:
             "achieved_flops_per_s": flops["executed"] / seconds, "mfu": flops["executed"] / seconds / gemm}
 
 
+def paired_point(args, T: int) -> dict:
+    """Step times of ``--rows`` in one process, alternating row by row for ``--repeats``
+    rounds (fastest counts): the ratios see the same load. No memory measurement."""
+    torch.set_num_threads(args.threads)
+    ids = torch.randint(0, args.vocab, (1, T), generator=torch.Generator().manual_seed(1))
+    built = {}
+    for row in args.rows:
+        torch.manual_seed(0)
+        segmented = row.endswith("tbptt")
+        model, step = _step_fn(row, model_config(args, T, segmented))
+        step(ids[:, : min(T, 2 * args.segment)] if segmented else ids[:, :256])
+        model.zero_grad(set_to_none=False)
+        built[row] = (model, step)
+    best = dict.fromkeys(args.rows, float("inf"))
+    for _ in range(args.repeats):
+        for row, (model, step) in built.items():
+            t0 = time.perf_counter()
+            step(ids)
+            best[row] = min(best[row], time.perf_counter() - t0)
+            model.zero_grad(set_to_none=False)
+    return {"T": T, "rounds": args.repeats, "seconds": best}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
@@ -257,12 +288,20 @@ def main(argv=None):
     p.add_argument("--max-point-gib", type=float, default=8.0,
                    help="skip a point whose attention scores (unfused path) would need more than this")
     p.add_argument("--out", default="bench_results/tbptt.json")
+    p.add_argument("--paired", action="store_true",
+                   help="time only: per T one process alternates the --rows (no memory, no MFU)")
     p.add_argument("--point", nargs=2, metavar=("ROW", "T"), help=argparse.SUPPRESS)
+    p.add_argument("--paired-point", type=int, metavar="T", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.point:
         print(json.dumps(run_point(args, args.point[0], int(args.point[1]))))
         return 0
+    if args.paired_point:
+        print(json.dumps(paired_point(args, args.paired_point)))
+        return 0
+    if args.paired:
+        return _paired_main(args, list(argv if argv is not None else sys.argv[1:]))
 
     base = list(argv if argv is not None else sys.argv[1:])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -321,6 +360,32 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("point", "out")},
                    "points": table, "ratios": ratios}, f, indent=2)
+        f.write("\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _paired_main(args, base) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    results = []
+    for T in args.lengths:
+        if any(score_gib(args, row, T) > args.max_point_gib for row in args.rows):
+            print(f"  T={T:6d}  skipped: a row's attention scores exceed --max-point-gib {args.max_point_gib:g}")
+            continue
+        out = subprocess.run([sys.executable, __file__, *base, "--paired-point", str(T)],
+                             capture_output=True, text=True, check=False, env=env)
+        if out.returncode:
+            raise SystemExit(f"paired T={T} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        first = args.rows[0]
+        r["over_" + first] = {row: r["seconds"][row] / r["seconds"][first] for row in args.rows}
+        results.append(r)
+        print(f"  T={T:6d}  " + "  ".join(f"{row} {r['seconds'][row]:.2f} s ({r['over_' + first][row]:.2f})"
+                                          for row in args.rows), flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("point", "paired_point", "out")},
+                   "paired": results}, f, indent=2)
         f.write("\n")
     print(f"wrote {args.out}")
     return 0
