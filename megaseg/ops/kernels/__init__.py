@@ -20,6 +20,12 @@ Kernels:
 * ``auto``   — ``triton`` for CUDA tensors of fp16/bf16/fp32 when triton imports, ``sdpa``
   otherwise.
 
+Decode (one new token per row, no gradient) does not cross this boundary: the operator
+keeps the open segment's rotated keys in preallocated buffers and runs one torch
+``scaled_dot_product_attention`` call per layer over them (`SegmentedAttention._decode_step`,
+`SegmentedAttention.decode_rows`), on any device; kernels serve runs of several tokens
+(training, prefill).
+
 The process-wide default is ``auto``; ``MEGASEG_ATTENTION_KERNEL`` overrides it at import,
 `set_default` at run time (``pretrain_gpt.py --attention-kernel``), and an operator built
 with ``kernel=...`` uses its own choice. The choice never changes results beyond
