@@ -25,7 +25,7 @@ def test_one_segment_is_full_attention_and_has_no_extra_backward():
 
 def test_counts_by_hand():
     a = _args()
-    T, S, M, R = 40, 16, 4, 6
+    T, M, R = 40, 4, 6  # S = 16
     cfg = bench.model_config(a, T, True)
     E, F, V, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim, cfg.num_layers
     dense_per_token = E * (2 * D + 2 * 2 * D) + 2 * D * E + 3 * E * F  # H = G = 2
