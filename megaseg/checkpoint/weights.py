@@ -306,6 +306,7 @@ def build_model(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], dtype:
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.core = SegmentedAttention(
             cfg.head_plan.layer(i), cfg.segment, cfg.rope, cfg.head_dim, cfg.heads_per_group)
+        layer.self_attn.core.layer_index = i
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -140,6 +140,9 @@ class PretrainConfig:
     tensorboard_dir: str | None = _f("runs/default/tensorboard", "TensorBoard event files ('none' = off)", "logging")
     eval_interval: int = _f(25, "validation every N steps (and at the end)", "logging")
     eval_iters: int = _f(2, "global batches per validation (0 = no validation)", "logging")
+    log_segment_stats_interval: int = _f(
+        25, "every N steps write retrieval, attention-mass and tail-gradient statistics of one micro-batch to "
+        "TensorBoard under segments/ (0 = never)", "logging")
 
     config: str | None = _f(None, "YAML file with any of these fields", "config")
 
@@ -190,6 +193,8 @@ class PretrainConfig:
                   f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.eval_iters < 0:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if self.log_segment_stats_interval < 0:
+            _fail("log_segment_stats_interval", self.log_segment_stats_interval, "must be >= 0 (0 = never)")
         if self.max_consecutive_skipped_steps < 0:
             _fail("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, "must be >= 0")
         if self.pipeline_model_parallel_size != 1:

@@ -35,6 +35,7 @@ from megaseg.config import ConfigError, ModelConfig
 from megaseg.training.arguments import PretrainConfig
 from megaseg.checkpoint.training import locate_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megaseg.training.monitor import StepTimer, TrainingMonitor
+from megaseg.ops import stats
 from megaseg.training.tbptt import tbptt_backward
 
 
@@ -253,13 +254,15 @@ class StepMetrics:
     lr: float = 0.0
     tokens: int = 0  # tokens processed on all ranks
     update_successful: bool = True
+    segment_stats: object = None  # megaseg.ops.stats.SegmentStats of this rank's first micro-batch, when asked
 
 
-def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
+def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segment_stats: list | None = None):
     """TBPTT-K forward/backward over micro-batches; grads accumulate in the DDP buffers.
 
     Returns (sum of NLL, per-segment NLL sums, per-segment token counts, tokens), each summed
-    over all data-parallel ranks.
+    over all data-parallel ranks. With a ``segment_stats`` list, the first micro-batch runs
+    under `megaseg.ops.stats.recording` and its recorder is appended to the list.
     """
     from megaseg.megatron.model import segment_forward
 
@@ -275,8 +278,11 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
     seg_sum = [0.0] * n_seg
     seg_count = [0] * n_seg
     tokens = 0
-    for tokens_BT, labels_BT in microbatches:
-        with autocast_context(bf16):
+    for m, (tokens_BT, labels_BT) in enumerate(microbatches):
+        recording = stats.recording() if segment_stats is not None and m == 0 else contextlib.nullcontext()
+        with autocast_context(bf16), recording as rec:
+            if rec is not None:
+                segment_stats.append(rec)
             # DDP divides gradients by dp; loss_scale=dp makes the result the global token mean.
             result = tbptt_backward(forward_segment, tokens_BT, S, cfg.tbptt_k, labels_BT=labels_BT,
                                     loss_scale=float(dp), num_predicted=num_predicted)
@@ -291,13 +297,16 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
     return nll, seg_sum, seg_count, tokens, num_predicted
 
 
-def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, bf16: bool) -> StepMetrics:
-    """One optimizer step over this rank's micro-batches of a global batch."""
+def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, bf16: bool,
+               segment_stats: bool = False) -> StepMetrics:
+    """One optimizer step over this rank's micro-batches of a global batch (with
+    ``segment_stats``, the first micro-batch's segment statistics are recorded)."""
     from megatron.core.distributed import finalize_model_grads
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16)
+    recorded = [] if segment_stats else None
+    nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16, recorded)
     finalize_model_grads([model])
     lr = current_lr(optimizer)  # the rate this step applies (the scheduler then moves on)
     if math.isfinite(nll) and grads_finite(model):
@@ -313,6 +322,7 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
         lr=lr,
         tokens=tokens,
         update_successful=bool(update_successful),
+        segment_stats=recorded[0] if recorded else None,
     )
 
 
@@ -548,7 +558,9 @@ def pretrain(
         while iteration < cfg.train_iters:
             with StepTimer() as timer:
                 microbatches = rank_microbatches(train_dataset, consumed, cfg)
-                metrics = train_step(model, optimizer, scheduler, microbatches, cfg, bf16)
+                want_stats = monitor.writer is not None and bool(cfg.log_segment_stats_interval) and (
+                    (iteration + 1) % cfg.log_segment_stats_interval == 0 or iteration == start_iteration)
+                metrics = train_step(model, optimizer, scheduler, microbatches, cfg, bf16, segment_stats=want_stats)
             iteration += 1
             consumed += cfg.global_batch_size
             losses.append(metrics.loss)
@@ -566,6 +578,8 @@ def pretrain(
                         f"max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps}); lower --lr{where}")
             monitor.record_step(iteration, metrics.loss, metrics.segment_losses, metrics.lr, metrics.grad_norm,
                                 metrics.tokens, timer.seconds, consumed, skipped_steps=skipped)
+            if metrics.segment_stats is not None:
+                monitor.record_segment_stats(iteration, *metrics.segment_stats.summary(metrics.grad_norm))
             if do_eval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                 validate()
             if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:

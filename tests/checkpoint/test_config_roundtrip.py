@@ -44,7 +44,7 @@ PRETRAIN = dict(
     tokenizer_model="tok.model", data_cache_path="cache", save="out", save_interval=10, load="in",
     no_load_optim=True, no_load_rng=True, override_opt_param_scheduler=True, pretrained_checkpoint="llama",
     exit_signal_handler=False, exit_interval=20, exit_duration_in_mins=90.0, log_interval=2,
-    tensorboard_dir="tb", eval_interval=10, eval_iters=3,
+    tensorboard_dir="tb", eval_interval=10, eval_iters=3, log_segment_stats_interval=4,
 )
 
 
