@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 
 from megaseg.checkpoint import training as checkpointing
+from tests.checkpoint.conftest import TINY_FLAGS
 from megaseg.training import trainer
 from megaseg.training.trainer import INTERRUPTED_FILE, pretrain
 from tests.training.synthetic import PatternDataset, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pretrain" / "pretrain_gpt.py"
-FLAGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
-    "--ffn-hidden-size", "64", "--seq-length", "64", "--segment-length", "16", "--tail-length", "4",
-    "--retrieval-length", "4", "--long-range-layers", "1", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--min-lr", "1e-3", "--log-interval", "1", "--eval-iters", "0", "--split", "90,10,0",
-    "--tensorboard-dir", "none", "--train-iters", "8", "--lr-decay-iters", "8", "--save", "ckpt", "--load", "ckpt",
-]
+FLAGS = TINY_FLAGS + ["--train-iters", "8", "--lr-decay-iters", "8", "--save", "ckpt", "--load", "ckpt"]
 
 
 def _losses(stdout):
