@@ -92,7 +92,7 @@ class SegmentStats:
                 name = f"layer{layer}_group{g}"
                 scalars[f"segments/retrieval_distance/{name}"] = float(d.mean())
                 scalars[f"segments/retrieval_previous_segment_share/{name}"] = float((d == 1).float().mean())
-                hists[f"segments/retrieval_distance/{name}"] = d
+                hists[f"segments/retrieval_distance_histogram/{name}"] = d
             m = torch.cat(self.margins[(layer, g)]) if self.margins[(layer, g)] else torch.zeros(0)
             if m.numel():
                 scalars[f"segments/retrieval_margin/layer{layer}_group{g}"] = float(m.mean())

@@ -27,7 +27,7 @@ def test_distance_metric_reports_a_planted_target_several_segments_back():
         op(q, k, v)
     scalars, hists = rec.summary()
     # Segments 1..4 retrieve the target from segment 0: distances 1, 2, 3, 4.
-    assert sorted(hists["segments/retrieval_distance/layer3_group5"].tolist()) == [1.0, 2.0, 3.0, 4.0]
+    assert sorted(hists["segments/retrieval_distance_histogram/layer3_group5"].tolist()) == [1.0, 2.0, 3.0, 4.0]
     assert scalars["segments/retrieval_distance/layer3_group5"] == pytest.approx(2.5)
     assert scalars["segments/retrieval_previous_segment_share/layer3_group5"] == pytest.approx(0.25)
     assert scalars["segments/retrieval_margin/layer3_group5"] > 50  # 100 for the target, ~0 for the rest

@@ -21,7 +21,7 @@ def test_segment_statistics_reach_tensorboard(model_parallel, tmp_path):
         assert name in scalars, name
     # Recorded at the first step and every 2 steps: iterations 1, 2, 4.
     assert [e.step for e in acc.Scalars("segments/tail_cotangent_rel_grad/depth1")] == [1, 2, 4]
-    assert "segments/retrieval_distance/layer1_group0" in tags["histograms"]
+    assert "segments/retrieval_distance_histogram/layer1_group0" in tags["histograms"]
     distance = acc.Scalars("segments/retrieval_distance/layer1_group0")[0].value
     assert 1.0 <= distance <= 4.0  # boundaries 1..4 of 4 segments: 1 to 4 segments back
     layout = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]  # a serialized Layout
