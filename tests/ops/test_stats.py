@@ -1,6 +1,4 @@
 """megaseg.ops.stats: segment statistics read off the operator's own tensors."""
-import io
-
 import pytest
 import torch
 
