@@ -24,6 +24,8 @@ setup(
     extras_require={
         "hf": ["transformers"],
         "test": ["pytest", "transformers"],
+        # Plots and progress bars of tools/evaluate.py (both optional at run time).
+        "eval": ["matplotlib", "tqdm"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],

@@ -86,7 +86,7 @@ def run_checkpoints(cfg: dict, output: Path, replot: bool) -> dict:
     from megaseg.eval.evaluator import eval_documents, perplexity, task_accuracy
     from megaseg.eval.loading import load_for_eval
     from megaseg.eval.modes import mode_from_dict
-    from megaseg.eval.tasks import Haystack, check_task
+    from megaseg.eval.tasks import Haystack, check_task, generate
 
     if replot:
         return json.loads((output / "results.json").read_text())
@@ -110,9 +110,13 @@ def run_checkpoints(cfg: dict, output: Path, replot: bool) -> dict:
         model, tok = load_for_eval(path, cfg.get("tokenizer"))
         hay = Haystack.from_source(tok, cfg.get("corpus"))
         modes = [mode_from_dict(m) for m in cfg.get("modes") or [{"name": "megaseg", "kind": "megaseg"}]]
-        for m in modes:  # fail on a bad length before any work
-            for L in lengths:
+        for L in lengths:  # fail on a length a mode, task or corpus cannot serve before any work
+            for m in modes:
                 m.check_length(L)
+            for t in tasks:
+                generate(t, L, seed, tok, hay)
+            if ppl_cfg.get("documents", 0):
+                eval_documents(hay, L, 1, seed)
         bucket = int(ppl_cfg.get("bucket", model.config.segment.segment_length))
         jobs = [(m, L) for m in modes for L in lengths]
         for m, L in progress_bar(f"evaluating {name}")(jobs):
