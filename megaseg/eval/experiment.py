@@ -11,7 +11,9 @@ attention runs during training:
 
 Data: natural text (Python standard library sources, byte-level tokens) with recall cases
 planted as in the evaluation tasks (passkey, magic-number needles with distractor keys),
-so the answer of a query depends on a needle one or more segments back.
+so the answer of a query depends on a needle one or more segments back, and copy pieces
+(a random string repeated at random places in natural text). The first steps train on
+repeated random strings only, so that copy heads form early (see ``copy_warmup_batch``).
 
 Every model is then evaluated by ``megaseg.eval.evaluator`` under segmented inference (the
 megaseg configuration of ``tbptt1``; each ablation under its own) and under full attention,
@@ -55,24 +57,26 @@ class ExperimentConfig:
     corpus_bytes: int = 6 * 1024 * 1024
     # model
     num_layers: int = 4
-    hidden_size: int = 96
-    intermediate_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 170
     num_heads: int = 4
     rope_theta: float = 10000.0
     # segmented execution of the megaseg variants
     train_length: int = 512
     segment_length: int = 128
     tail_length: int = 32
-    retrieval_length: int = 64
+    retrieval_length: int = 128
     long_range_layers: list = field(default_factory=lambda: [1, 3])
     num_long_heads: int = 1
     # training
     variants: list = field(default_factory=lambda: list(VARIANTS))
-    steps: int = 400
+    steps: int = 900
     batch_size: int = 8
     lr: float = 3e-3
     warmup: int = 20
-    pieces_per_sequence: int = 2  # recall samples concatenated into one training sequence
+    pieces_per_sequence: int = 2  # pieces (recall samples, copy pieces) in one training sequence
+    copy_span: int = 24  # tokens repeated by each copy piece (0: recall task samples only)
+    copy_warmup_steps: int = 300  # first steps on repeated random strings only
     # evaluation
     length_multipliers: list = field(default_factory=lambda: [1, 2, 4, 8])
     tasks: list = field(default_factory=lambda: ["passkey", "niah_single", "niah_multikey", "niah_multivalue",
@@ -150,17 +154,57 @@ def corpora(cfg: ExperimentConfig, tokenizer) -> tuple[Haystack, Haystack]:
     return Haystack(train, tokenizer, "stdlib-train"), Haystack(held, tokenizer, "stdlib-heldout")
 
 
+def copy_piece(length: int, seed: int, tokenizer, haystack: Haystack, span: int, repeats: int = 4) -> list[int]:
+    """Natural text with a random alphanumeric string of ``span`` characters inserted
+    ``repeats`` times at random places: every repeat is predictable only by looking back
+    (an in-context copy case; it makes copy heads form within a few hundred steps)."""
+    rng = random.Random(f"copy:{length}:{seed}")
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(span))
+    code = tokenizer.encode(" " + text + " ", add_bos=False)
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
+    body = [t for c in haystack.chunks(length - len(bos) - repeats * len(code), rng) for t in c]
+    cuts = sorted(rng.randrange(0, len(body) + 1) for _ in range(repeats))
+    out, prev = list(bos), 0
+    for c in cuts:
+        out += body[prev:c] + code
+        prev = c
+    return out + body[prev:]
+
+
+def copy_warmup_batch(cfg: ExperimentConfig, step: int, tokenizer) -> torch.Tensor:
+    """Rows made of one random alphanumeric string repeated to the row length: the first
+    ``copy_warmup_steps`` steps train on these only, so that copy (induction) heads form
+    before the natural-text mixture starts (a small model on the mixture alone did not
+    form them within 800 steps)."""
+    rows = []
+    for b in range(cfg.batch_size):
+        rng = random.Random(f"warmup:{cfg.seed}:{step}:{b}")
+        span = rng.randrange(16, 49)
+        unit = tokenizer.encode(" " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(span)),
+                                add_bos=False)
+        bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
+        body = unit * (cfg.train_length // len(unit) + 1)
+        rows.append((bos + body)[:cfg.train_length])
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def training_batch(cfg: ExperimentConfig, step: int, tokenizer, haystack: Haystack) -> torch.Tensor:
-    """[batch, train_length]: each row concatenates recall samples (needle, natural text,
-    query, answer) of train_length / pieces tokens; seeds are disjoint from evaluation's."""
+    """[batch, train_length]: each row concatenates pieces of train_length / pieces tokens,
+    alternately a recall task sample (needle, natural text, query, answer) and a copy piece;
+    seeds are disjoint from evaluation's."""
+    if step < cfg.copy_warmup_steps:
+        return copy_warmup_batch(cfg, step, tokenizer)
     piece = cfg.train_length // cfg.pieces_per_sequence
     rows = []
     for b in range(cfg.batch_size):
         row = []
         for p in range(cfg.pieces_per_sequence):
             k = (step * cfg.batch_size + b) * cfg.pieces_per_sequence + p
-            task = TRAIN_TASKS[k % len(TRAIN_TASKS)]
-            row += generate(task, piece, 10_000_000 + cfg.seed * 1_000_003 + k, tokenizer, haystack).ids
+            seed = 10_000_000 + cfg.seed * 1_000_003 + k
+            if cfg.copy_span and (p + b) % 2:
+                row += copy_piece(piece, seed, tokenizer, haystack, cfg.copy_span)
+            else:
+                row += generate(TRAIN_TASKS[(k // 2) % len(TRAIN_TASKS)], piece, seed, tokenizer, haystack).ids
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
 
