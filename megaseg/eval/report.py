@@ -114,7 +114,7 @@ def markdown_table(rows: list[dict], tasks: list[str], with_model: bool = False)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ([r.get("model", "")] if with_model else []) + [r["mode"], str(r["length"]), f"{r['ppl']:.2f}"]
-        cells += [f"{r['tasks'][t]['accuracy']:.2f}" if t in r["tasks"] else "" for t in tasks]
+        cells += [f"{r['tasks'][t]['accuracy']:.2f}" if "accuracy" in r["tasks"].get(t, {}) else "–" for t in tasks]
         cells.append(f"{max(r['peak_state_mib'], r.get('task_peak_state_mib', 0)):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
