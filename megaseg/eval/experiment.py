@@ -77,7 +77,7 @@ class ExperimentConfig:
     warmup: int = 20
     pieces_per_sequence: int = 2  # pieces (recall samples, copy pieces) in one training sequence
     copy_span: int = 24  # tokens repeated by each copy piece (0: recall task samples only)
-    copy_warmup_steps: int = 300  # shared initial steps on repeated random strings (0: none)
+    copy_warmup_steps: int = 1000  # shared initial steps on repeated random strings (0: none)
     # evaluation
     length_multipliers: list = field(default_factory=lambda: [1, 2, 4, 8])
     tasks: list = field(default_factory=lambda: ["passkey", "niah_single", "niah_multikey", "niah_multivalue",
@@ -208,13 +208,14 @@ def training_batch(cfg: ExperimentConfig, step: int, tokenizer, haystack: Haysta
 
 
 # ---- training --------------------------------------------------------------------------------
-def _train(model, mcfg: ModelConfig, steps: int, batch_fn, lr: float, warmup: int, name: str, log) -> list[float]:
-    """AdamW, linear warmup then cosine to lr/10, TBPTT-K with the model's own S and K."""
+def _train(model, mcfg: ModelConfig, steps: int, batch_fn, lr: float, warmup: int, name: str, log,
+           decay: bool = True) -> list[float]:
+    """AdamW, linear warmup then cosine to lr/10 (or constant), TBPTT-K with the model's own S and K."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     losses, start = [], time.perf_counter()
     for step in range(steps):
-        if step < warmup:
-            rate = lr * (step + 1) / warmup
+        if step < warmup or not decay:
+            rate = lr * min(1.0, (step + 1) / warmup)
         else:
             rate = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
         for group in opt.param_groups:
@@ -240,7 +241,7 @@ def copy_warmup(cfg: ExperimentConfig, tokenizer, log: Callable[[str], None] = p
     if cfg.copy_warmup_steps:
         start = time.perf_counter()
         losses = _train(model, mcfg, cfg.copy_warmup_steps, lambda s: copy_warmup_batch(cfg, s, tokenizer), cfg.lr,
-                        cfg.warmup, "copy warm-up", log)
+                        cfg.warmup, "copy warm-up", log, decay=False)
         log(f"copy warm-up: loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f} in {time.perf_counter() - start:.0f} s")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
