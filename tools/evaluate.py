@@ -155,6 +155,9 @@ def main(argv=None) -> int:
             result = run_experiment(dict(cfg["experiment"] or {}), output, args.replot)
             output.mkdir(parents=True, exist_ok=True)
             (output / "alignment.json").write_text(json.dumps(result, indent=1) + "\n")
+            from megaseg.eval.report import alignment_markdown
+
+            (output / "alignment.md").write_text(alignment_markdown(result))
         else:
             result = run_checkpoints(cfg, output, args.replot)
     except (ConfigError, CheckpointError) as e:

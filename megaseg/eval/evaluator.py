@@ -15,6 +15,7 @@ produce it; partial credit is RULER's fraction of references found in the predic
 from __future__ import annotations
 
 import math
+import random
 import resource
 import time
 from dataclasses import dataclass, field
@@ -80,8 +81,6 @@ class PerplexityResult:
 
 def eval_documents(haystack: Haystack, length: int, n: int, seed: int = 0) -> list[list[int]]:
     """``n`` natural-text sequences of exactly ``length`` tokens (BOS first when defined)."""
-    import random
-
     tok = haystack.tokenizer
     bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []
     out = []

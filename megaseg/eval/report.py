@@ -118,3 +118,34 @@ def markdown_table(rows: list[dict], tasks: list[str], with_model: bool = False)
         cells.append(f"{max(r['peak_state_mib'], r.get('task_peak_state_mib', 0)):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def alignment_markdown(result: dict) -> str:
+    """The experiment's tables: recall and perplexity per (variant, inference mode) and
+    length; the baselines; the head plans."""
+    lengths = sorted({r["length"] for rs in result["alignment"].values() for r in rs})
+    out = ["Recall accuracy (mean of passkey, niah_single, niah_multikey) / perplexity:", "",
+           "| trained | inference | " + " | ".join(f"{L}" for L in lengths) + " |",
+           "|---|---|" + "---|" * len(lengths)]
+    for v, rows in result["alignment"].items():
+        by = {}
+        for r in rows:
+            by.setdefault(r["mode"], {})[r["length"]] = r
+        for mode, per in by.items():
+            cells = [f"{per[L]['recall_accuracy']:.2f} / {per[L]['ppl']:.2f}" if L in per else "" for L in lengths]
+            out.append(f"| {v} | {mode} | " + " | ".join(cells) + " |")
+    tasks = list(result["config"]["tasks"])
+    if result.get("baselines"):
+        out += ["", "Baselines (same weights, same tasks and lengths; accuracy per task, state = peak attention "
+                "state MiB):", "",
+                markdown_table(sorted(result["baselines"], key=lambda r: (r["model"], r["length"])), tasks, with_model=True)]
+    hs = result.get("head_selection") or {}
+    if hs.get("rows"):
+        rec = hs["record"]
+        out += ["", f"Head plans on the {hs['model']} model (calibrated: top {rec['budget']} by {rec['metric']} "
+                f"increase, ranking {rec['ranking'][:rec['budget']]}):", "",
+                markdown_table(sorted(hs["rows"], key=lambda r: (r["length"], r["mode"])), [t for t in TRAIN_TASKS_ORDER if t in hs["rows"][0]["tasks"]])]
+    return "\n".join(out) + "\n"
+
+
+TRAIN_TASKS_ORDER = ("passkey", "niah_single", "niah_multikey", "niah_multivalue")

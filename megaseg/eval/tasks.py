@@ -154,7 +154,7 @@ def _letters(rng: random.Random, n: int = 5) -> str:
 
 
 class _Builder:
-    """Prompt = BOS + haystack with needles at depths + tail text; answer ids after it."""
+    """Prompt = BOS + haystack with needles at depths + tail text (the question); answer ids after it."""
 
     def __init__(self, task: str, length: int, seed: int, tokenizer, haystack: Haystack):
         self.task, self.length, self.seed = task, length, seed
@@ -164,12 +164,12 @@ class _Builder:
     def enc(self, text: str) -> list[int]:
         return self.tok.encode(text, add_bos=False)
 
-    def build(self, needles: Sequence[str], tail: str, answer: str, references: list[str], depths=None, meta=None,
-              head: str = "") -> Sample:
+    def build(self, needles: Sequence[str], tail: str, answer: str, references: list[str], depths=None,
+              meta=None) -> Sample:
         bos = [self.tok.bos_id] if getattr(self.tok, "bos_id", None) is not None else []
         needle_ids = [self.enc(n) for n in needles]
-        head_ids, tail_ids, answer_ids = self.enc(head), self.enc(tail), self.enc(answer)
-        fixed = len(bos) + len(head_ids) + sum(map(len, needle_ids)) + len(tail_ids) + len(answer_ids)
+        tail_ids, answer_ids = self.enc(tail), self.enc(answer)
+        fixed = len(bos) + sum(map(len, needle_ids)) + len(tail_ids) + len(answer_ids)
         budget = self.length - fixed
         if budget < 0:
             raise ConfigError(f"length={self.length} is invalid for task {self.task!r}: it needs at least {fixed} tokens")
@@ -191,7 +191,7 @@ class _Builder:
                 k += 1
             if li < len(lines):
                 body += lines[li]
-        prompt = bos + head_ids + body + tail_ids
+        prompt = bos + body + tail_ids
         assert len(prompt) + len(answer_ids) == self.length
         m = {"depths": [round(d, 4) for d in depths]}
         m.update(meta or {})
