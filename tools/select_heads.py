@@ -8,8 +8,8 @@ write a head plan with a budget of long-range heads.
 Calibration data: ``--documents`` natural-text sequences from the corpus plus
 ``--samples-per-task`` samples of each of ``--tasks`` (long-range recall cases), all of
 ``--length`` tokens. A group's score is the loss increase (or KL, ``--metric kl``) when only
-its context is cut to its own segment of ``--segment-length`` tokens, all other heads
-keeping full attention. Writes ``plan.json`` (per-layer modes: what ``--head-plan FILE``
+its context is cut to what a `local` head sees (its segment of ``--segment-length`` tokens
+and the ``--tail-length`` tokens before it), all other heads keeping full attention. Writes ``plan.json`` (per-layer modes: what ``--head-plan FILE``
 of tools/convert_hf.py and tools/generate.py reads) and ``plan.scores.json`` (scores,
 ranking, the chosen heads per layer, and pretraining keys: head_plan_preset prior,
 long_range_layers, long_range_heads).
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", type=int, default=4, help="natural-text calibration sequences")
     p.add_argument("--tasks", default="passkey,niah_multikey", help="comma-separated recall tasks mixed in ('' for none)")
     p.add_argument("--samples-per-task", type=int, default=2)
+    p.add_argument("--tail-length", type=int, help="M tokens before the segment a cut head keeps, as a `local` "
+                   "head does (default: the model's M)")
     p.add_argument("--metric", default="loss", choices=("loss", "kl"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -71,9 +73,10 @@ def run(args) -> int:
         progress = lambda items: tqdm(items, desc="scoring heads", file=sys.stderr)  # noqa: E731
     except ImportError:
         progress = None
-    scores = score_heads(model, seqs, S, args.metric, progress)
+    M = model.config.segment.tail_length if args.tail_length is None else args.tail_length
+    scores = score_heads(model, seqs, S, args.metric, progress, tail=M)
     plan = select_plan(scores, args.budget)
-    record = plan_record(scores, plan, args.budget, args.metric, S)
+    record = plan_record(scores, plan, args.budget, args.metric, S, M)
     record.update(checkpoint=str(args.checkpoint), length=length, sequences=len(seqs),
                   seconds=round(time.perf_counter() - t0, 2))
     path, side = write_plan(args.output, record)

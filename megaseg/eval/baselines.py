@@ -17,7 +17,9 @@ Per KV group (all query heads of a group share it) one of:
              sees a window key at its true distance t - a and sink i at distance
              min(t, sinks + window - 1) - i. The largest position is sinks + window - 1.
 ``segment``  the query's own segment of ``segment_length`` tokens only, causally
-             (positions inside the segment; equals megaseg's `segment` mode).
+             (positions inside the segment; equals megaseg's `segment` mode); with
+             ``tail`` = M > 0 also the last M tokens of the previous segment (megaseg's
+             `local` mode, at true relative distances).
 
 Modes: full attention = every group ``full``; StreamingLLM = every group ``window``;
 DuoAttention-style = chosen (layer, group) ``full``, the rest ``window``. The ``segment``
@@ -48,7 +50,7 @@ class CacheState:
     full_*:   [B, t, g_full, D] every token so far, for `full` groups.
     sink_*:   [B, <=sinks, g_win, D] the first tokens, for `window` groups.
     win_*:    [B, <=window-1, g_win, D] the most recent non-sink tokens, for `window` groups.
-    seg_*:    [B, t % S, g_seg, D] the open segment, for `segment` groups.
+    seg_*:    [B, <= M + t % S, g_seg, D] the open segment (and tail), for `segment` groups.
     """
 
     tokens: int = 0
@@ -75,7 +77,7 @@ class BaselineAttention(torch.nn.Module):
     """Attention core with a per-KV-group baseline mode (see the module docstring)."""
 
     def __init__(self, modes, rope: RopeConfig, head_dim: int, heads_per_group: int, sinks: int = 4,
-                 window: int = 256, segment_length: int | None = None):
+                 window: int = 256, segment_length: int | None = None, tail: int = 0):
         super().__init__()
         self.modes = tuple(modes)
         for m in self.modes:
@@ -85,7 +87,9 @@ class BaselineAttention(torch.nn.Module):
             raise ConfigError(f"window={window!r}, sinks={sinks!r} are invalid: need window >= 1 and sinks >= 0")
         if SEGMENT_CUT in self.modes and (not isinstance(segment_length, int) or segment_length < 1):
             raise ConfigError(f"segment_length={segment_length!r} is invalid: `segment` groups need an integer >= 1")
-        self.sinks, self.window, self.segment_length = sinks, window, segment_length
+        if not isinstance(tail, int) or tail < 0 or (segment_length and tail > segment_length):
+            raise ConfigError(f"tail={tail!r} is invalid: must be an integer in [0, segment_length]")
+        self.sinks, self.window, self.segment_length, self.tail = sinks, window, segment_length, tail
         self.hpg, self.head_dim = heads_per_group, head_dim
         self.rotary = Rotary(rope, head_dim)
         self.groups = {m: [g for g, mm in enumerate(self.modes) if mm == m] for m in BASELINE_MODES}
@@ -99,7 +103,8 @@ class BaselineAttention(torch.nn.Module):
         self.register_buffer("_unpermute", torch.argsort(torch.tensor(order, dtype=torch.long)), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"modes={self.modes}, sinks={self.sinks}, window={self.window}, segment_length={self.segment_length}"
+        return (f"modes={self.modes}, sinks={self.sinks}, window={self.window}, segment_length={self.segment_length}, "
+                f"tail={self.tail}")
 
     def forward(self, q_BLHD, k_BLGD, v_BLGD, state=None):
         state = state if isinstance(state, CacheState) else CacheState()
@@ -166,11 +171,15 @@ class BaselineAttention(torch.nn.Module):
         vals = torch.cat([state.seg_v, v], 1) if n_open else v
         kabs = t0 - n_open + torch.arange(keys.shape[1], device=dev)
         qabs = t0 + torch.arange(L, device=dev)
-        qseg, kseg = qabs // S, kabs // S
-        mask = (kabs[None, :] <= qabs[:, None]) & (kseg[None, :] == qseg[:, None])
-        out = self._sdpa(self.rotary(q, qabs % S), self.rotary(keys, kabs % S), vals, mask)
+        M = self.tail
+        first = torch.clamp((qabs // S) * S - M, min=0)  # earliest key each query sees
+        mask = (kabs[None, :] <= qabs[:, None]) & (kabs[None, :] >= first[:, None])
+        if M:  # relative distances are what RoPE sees: absolute positions give them exactly
+            out = self._sdpa(self.rotary(q, qabs), self.rotary(keys, kabs), vals, mask)
+        else:
+            out = self._sdpa(self.rotary(q, qabs % S), self.rotary(keys, kabs % S), vals, mask)
         end = t0 + L
-        keep = kabs >= (end // S) * S
+        keep = kabs >= max(0, (end // S) * S - M)
         new.seg_k, new.seg_v = (keys[:, keep], vals[:, keep]) if bool(keep.any()) else (None, None)
         return out
 

@@ -351,9 +351,9 @@ def run(cfg: ExperimentConfig, log: Callable[[str], None] = print, progress=None
         cal = [generate(TRAIN_TASKS[i % len(TRAIN_TASKS)], cfg.train_length, 20_000_000 + i, tok, train_hay).ids
                for i in range(cfg.calibration_sequences)]
         t0 = time.perf_counter()
-        scores = score_heads(model, cal, cfg.segment_length, "loss")
+        scores = score_heads(model, cal, cfg.segment_length, "loss", tail=cfg.tail_length)
         calibrated = select_plan(scores, budget)
-        record = plan_record(scores, calibrated, budget, "loss", cfg.segment_length)
+        record = plan_record(scores, calibrated, budget, "loss", cfg.segment_length, cfg.tail_length)
         record["seconds"] = round(time.perf_counter() - t0, 1)
         write_plan(out / "calibrated_plan.json", record)
         L, G = cfg.num_layers, cfg.num_heads

@@ -2,7 +2,8 @@
 
 Score of a (layer, group): run the calibration sequences with every head under full
 attention, then again with only that group's context cut to its own segment (the
-`segment` baseline mode, segment length S); the score is the increase of
+`segment` baseline mode, segment length S; with a tail M, to what a `local` head sees:
+the segment plus the last M tokens before it); the score is the increase of
 
 * ``loss``: mean next-token NLL over the calibration tokens (needs natural labels), or
 * ``kl``:   mean KL(p_full || p_cut) of the next-token distributions (no labels needed),
@@ -29,12 +30,12 @@ from megaseg.eval.evaluator import run_sequence
 METRICS = ("loss", "kl")
 
 
-def _install(model, cut: tuple[int, int] | None, segment_length: int):
+def _install(model, cut: tuple[int, int] | None, segment_length: int, tail: int = 0):
     cfg = model.config
     for i, layer in enumerate(model.model.layers):
         modes = [SEGMENT_CUT if cut == (i, g) else FULL for g in range(cfg.num_kv_heads)]
         layer.self_attn.core = BaselineAttention(modes, cfg.rope, cfg.head_dim, cfg.heads_per_group,
-                                                 segment_length=segment_length)
+                                                 segment_length=segment_length, tail=tail)
 
 
 @torch.no_grad()
@@ -45,8 +46,13 @@ def _logprobs(model, seq: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_heads(model, sequences: Sequence[Sequence[int]], segment_length: int | None = None,
-                metric: str = "loss", progress=None) -> torch.Tensor:
-    """Scores [layers, KV groups]; higher = needs long-range context more."""
+                metric: str = "loss", progress=None, tail: int = 0) -> torch.Tensor:
+    """Scores [layers, KV groups]; higher = needs long-range context more.
+
+    ``tail`` = M > 0 cuts a group to what a megaseg `local` head sees (its segment and the
+    last M tokens of the previous one) instead of its segment alone, so that a head that
+    only needs the few tokens across a segment boundary does not score as long-range.
+    """
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r} is invalid: allowed {METRICS}")
     cfg = model.config
@@ -62,7 +68,7 @@ def score_heads(model, sequences: Sequence[Sequence[int]], segment_length: int |
         scores = torch.zeros(cfg.num_layers, cfg.num_kv_heads, dtype=torch.float64)
         pairs = [(i, g) for i in range(cfg.num_layers) for g in range(cfg.num_kv_heads)]
         for i, g in (progress(pairs) if progress else pairs):
-            _install(model, (i, g), S)
+            _install(model, (i, g), S, tail)
             total, count = 0.0, 0
             for s, lp0 in zip(seqs, base):
                 lp = _logprobs(model, s)
@@ -99,7 +105,8 @@ def ranking(scores: torch.Tensor) -> list[tuple[int, int]]:
     return sorted(((i, g) for i in range(L) for g in range(G)), key=lambda p: (-float(scores[p]), p))
 
 
-def plan_record(scores: torch.Tensor, plan: HeadPlan, budget: int, metric: str, segment_length: int) -> dict:
+def plan_record(scores: torch.Tensor, plan: HeadPlan, budget: int, metric: str, segment_length: int,
+                tail: int = 0) -> dict:
     long = {i: [g for g, m in enumerate(layer) if m == "retrieval"] for i, layer in enumerate(plan.modes)}
     long = {i: gs for i, gs in long.items() if gs}
     # Pretraining takes one list of KV groups for all long-range layers: the groups chosen
@@ -112,7 +119,7 @@ def plan_record(scores: torch.Tensor, plan: HeadPlan, budget: int, metric: str, 
     k = max((len(gs) for gs in long.values()), default=0)
     groups = sorted(sorted(per_group, key=lambda g: -per_group[g])[:k])
     return {
-        "metric": metric, "segment_length": segment_length, "budget": budget,
+        "metric": metric, "segment_length": segment_length, "tail": tail, "budget": budget,
         "scores": [[round(float(x), 6) for x in row] for row in scores],
         "ranking": [list(p) for p in ranking(scores)],
         "modes": plan.to_list(),

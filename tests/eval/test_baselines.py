@@ -97,3 +97,11 @@ def test_full_mode_equals_megaseg_with_one_segment():
     seg = SegmentedAttention(("local", "local"), SegmentConfig(64, 0, 0, 1), ROPE, D, H // G).double()
     full = BaselineAttention(("full", "full"), ROPE, D, H // G)
     torch.testing.assert_close(run_chunks(full, q, k, v, [5, 14])[0], seg(q, k, v)[0], rtol=1e-9, atol=1e-10)
+
+
+def test_segment_cut_with_tail_is_megaseg_local_mask():
+    q, k, v = qkv(3)
+    core = BaselineAttention(("segment", "full"), ROPE, D, H // G, segment_length=SEG, tail=3)
+    ref = reference(q, k, v, ("local", "full"), H // G)
+    for sizes in ([T], [1] * T, [4, 7, 1, 7]):
+        torch.testing.assert_close(run_chunks(core, q, k, v, sizes)[0], ref, rtol=1e-9, atol=1e-10)
