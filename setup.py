@@ -25,8 +25,9 @@ setup(
         "hf": ["transformers"],
         # triton: its interpreter runs the fused attention kernel's tests on CPU.
         "test": ["pytest", "transformers", "triton", "lm-eval[hf]"],
-        # Evaluation of exported checkpoints with lm-evaluation-harness (HF backend).
-        "eval": ["lm-eval[hf]", "transformers"],
+        # Evaluation: lm-evaluation-harness on exports (HF backend); plots and progress bars
+        # of tools/evaluate.py (both optional at run time).
+        "eval": ["lm-eval[hf]", "transformers", "matplotlib", "tqdm"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],

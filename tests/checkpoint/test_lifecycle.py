@@ -160,3 +160,14 @@ def test_export_keeps_every_config_field(tp2_checkpoint, tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["bos_token_id"] == 2 and config["eos_token_id"] == 3  # the run's tokenizer's ids
     assert detect_format(tmp_path / "hf") == HF_MEGASEG and MEGASEG != HF_MEGASEG
+
+
+def test_evaluation_loads_a_training_checkpoint_with_its_tokenizer(tp2_checkpoint):
+    from megaseg.eval.loading import load_for_eval
+
+    model, tok = load_for_eval(tp2_checkpoint)
+    ids = torch.tensor([tok.encode("import os\nimport sys\n" * 8)])
+    with torch.no_grad():
+        ours = model(ids)[0]
+        again = read_model(tp2_checkpoint).build()(ids)[0]
+    assert torch.equal(ours, again) and tok.vocab_size == 512
