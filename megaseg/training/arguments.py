@@ -105,6 +105,9 @@ class PretrainConfig:
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
     pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    use_distributed_optimizer: bool = _f(
+        False, "shard fp32 main params and Adam state over data-parallel ranks (megatron-core DistributedOptimizer, "
+        "ZeRO-1: grads are reduce-scattered, params all-gathered after the step)", "parallel")
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
     attention_kernel: str = _f(
         "auto", "segmented attention kernel: auto = fused Triton kernel on CUDA when triton imports, else the "

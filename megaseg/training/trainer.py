@@ -104,6 +104,15 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
     return cfg.global_batch_size // (cfg.micro_batch_size * dp)
 
 
+def check_optimizer_settings(cfg: PretrainConfig) -> None:
+    """Optimizer flags that cannot go together (ConfigError, one line naming both values)."""
+    if cfg.use_distributed_optimizer and cfg.optimizer != "adam":
+        raise ConfigError(
+            f"optimizer={cfg.optimizer!r} is invalid with use_distributed_optimizer=True: megatron-core's "
+            "distributed optimizer shards and checkpoints Adam state only; use --optimizer adam"
+        )
+
+
 def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, initial_weights=None):
     """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler).
 
@@ -118,6 +127,7 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
 
     from megaseg.megatron.model import build_model
 
+    check_optimizer_settings(cfg)
     # Same seed, same initial weights, however many times a process builds a model.
     seed_everything(cfg.seed)
     model_parallel_cuda_manual_seed(cfg.seed)
@@ -131,7 +141,14 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
         load_reference_weights(gpt, initial_weights, model_config)
     model = DistributedDataParallel(
         config=gpt.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        # overlap_grad_reduce=False: the TBPTT engine's several backward calls per micro-batch
+        # only accumulate into the grad buffers; `finalize_model_grads` reduces them once a step
+        # (all-reduce, or reduce-scatter with the distributed optimizer).
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        ),
         module=gpt,
     )
     optimizer = get_megatron_optimizer(
@@ -146,6 +163,7 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
             sgd_momentum=cfg.sgd_momentum,
             clip_grad=cfg.clip_grad,
             params_dtype=torch.float32,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
         ),
         [model],
     )
@@ -480,7 +498,8 @@ def pretrain(
     say(f"model: {model_config.num_layers} layers, hidden {model_config.hidden_size}, "
         f"{n_params / 1e6:.2f}M parameters (this rank), vocab {model_config.vocab_size}; "
         f"segments S={cfg.segment_length} M={cfg.tail_length} R={cfg.retrieval_length} K={cfg.tbptt_k}; "
-        f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}"
+        f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}, "
         f"{num_micro} micro-batch(es) of {cfg.micro_batch_size} per step")
 
     iteration, consumed = 0, 0
