@@ -213,6 +213,19 @@ def schedule_changes(saved_args: dict, cfg: PretrainConfig) -> list[str]:
             if name in saved_args and saved_args[name] != current[name]]
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of this rank's optimizer state: Adam moments (and step counts), plus separate fp32
+    main copies of 16-bit parameters. fp32 parameters are their own main copies (the
+    distributed optimizer's shard of one is a view of it), so they add nothing here."""
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        for group in getattr(opt, "shard_fp32_from_float16_groups", None) or getattr(opt, "fp32_from_float16_groups", None) or []:
+            total += sum(p.numel() * p.element_size() for p in group)
+    return total
+
+
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 

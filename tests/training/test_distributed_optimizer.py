@@ -7,14 +7,16 @@ checkpoint saved at DP 2 resumes at DP 1 with the uninterrupted run's next loss 
 exports its weights.
 """
 import io
+from contextlib import redirect_stdout
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from megaseg.config import ConfigError
-from megaseg.training.trainer import pretrain
+from megaseg.training.trainer import optimizer_state_bytes, pretrain
 from tests.training.synthetic import PatternDataset, tiny_config
+from tools import inspect_checkpoint
 
 TRAIN = PatternDataset(64, 32, seed=0)
 STEPS = 5
@@ -26,18 +28,6 @@ def _settings(**overrides):
     values = dict(train_iters=STEPS, lr_decay_iters=STEPS, micro_batch_size=1, global_batch_size=4, tbptt_k=1)
     values.update(overrides)
     return values
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of optimizer state tensors (Adam moments, separate fp32 main params) on this rank."""
-    total = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        for state in inner.state.values():
-            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
-        for group in getattr(opt, "shard_fp32_from_float16_groups", []) or []:
-            total += sum(p.numel() * p.element_size() for p in group)
-    return total
 
 
 def _train(cfg):
@@ -157,6 +147,11 @@ def test_distributed_optimizer_checkpoint_exports(dp2, tmp_path):
     convert = load_tool("convert_hf")
     assert convert.main(["export", ranks[0]["checkpoint"], str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert inspect_checkpoint.main([ranks[0]["checkpoint"]]) == 0
+    report = out.getvalue().splitlines()
+    assert "layout: TP 1, PP 1, CP 1, DP 2" in report and "iteration 2, 8 samples consumed, with optimizer state" in report
 
 
 def test_distributed_optimizer_with_sgd_is_refused_in_one_line():
