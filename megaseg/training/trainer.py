@@ -286,13 +286,16 @@ class StepMetrics:
     update_successful: bool = True
 
 
-def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
+def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segment_forward=None):
     """TBPTT-K forward/backward over micro-batches; grads accumulate in the DDP buffers.
 
-    Returns (sum of NLL, per-segment NLL sums, per-segment token counts, tokens), each summed
-    over all data-parallel ranks.
+    ``segment_forward(model, ids_BL, states) -> (logits_BLV, states)`` runs one segment
+    (default: `megaseg.megatron.model.segment_forward`, the whole model on this rank); a
+    model split another way passes its own. Returns (sum of NLL, per-segment NLL sums,
+    per-segment token counts, tokens), each summed over all data-parallel ranks.
     """
-    from megaseg.megatron.model import segment_forward
+    if segment_forward is None:
+        from megaseg.megatron.model import segment_forward
 
     def forward_segment(ids_BL, states):
         return segment_forward(model, ids_BL, states)
@@ -322,13 +325,16 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
     return nll, seg_sum, seg_count, tokens, num_predicted
 
 
-def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, bf16: bool) -> StepMetrics:
-    """One optimizer step over this rank's micro-batches of a global batch."""
+def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, bf16: bool,
+               segment_forward=None) -> StepMetrics:
+    """One optimizer step over this rank's micro-batches of a global batch (``segment_forward``:
+    see `forward_backward`)."""
     from megatron.core.distributed import finalize_model_grads
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16)
+    nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16,
+                                                                      segment_forward=segment_forward)
     finalize_model_grads([model])
     lr = current_lr(optimizer)  # the rate this step applies (the scheduler then moves on)
     if math.isfinite(nll) and grads_finite(model):
