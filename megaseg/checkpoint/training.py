@@ -177,6 +177,9 @@ def _allocate_optimizer_state(optimizer) -> None:
     Adam state, which a fresh optimizer does not have yet; megatron-core's own dummy step
     (zero gradients) allocates it. Every value it touches is then replaced by the load.
     """
+    if hasattr(optimizer, "allocate_state"):  # DeepSpeed ZeRO
+        optimizer.allocate_state()
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:

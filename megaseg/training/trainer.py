@@ -105,7 +105,13 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
 
 
 def check_optimizer_settings(cfg: PretrainConfig) -> None:
-    """Optimizer flags that cannot go together (ConfigError, one line naming both values)."""
+    """Optimizer flags that cannot go together (ConfigError, one line naming both values);
+    with --deepspeed, that deepspeed imports and its config agrees with the flags."""
+    if cfg.deepspeed:
+        from megaseg.training import deepspeed_backend
+
+        deepspeed_backend.import_deepspeed()
+        deepspeed_backend.deepspeed_config(cfg, data_parallel_size())
     if cfg.use_distributed_optimizer and cfg.optimizer != "adam":
         raise ConfigError(
             f"optimizer={cfg.optimizer!r} is invalid with use_distributed_optimizer=True: megatron-core's "
@@ -139,6 +145,11 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
     )
     if initial_weights is not None:
         load_reference_weights(gpt, initial_weights, model_config)
+    if cfg.deepspeed:
+        from megaseg.training import deepspeed_backend
+
+        model, optimizer, _ = deepspeed_backend.setup(cfg, gpt, data_parallel_size())
+        return model, optimizer, _scheduler(cfg, optimizer)
     model = DistributedDataParallel(
         config=gpt.config,
         # overlap_grad_reduce=False: the TBPTT engine's several backward calls per micro-batch
@@ -167,9 +178,15 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
         ),
         [model],
     )
+    return model, optimizer, _scheduler(cfg, optimizer)
+
+
+def _scheduler(cfg: PretrainConfig, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     # Megatron counts scheduler steps in samples.
     gbs = cfg.global_batch_size
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=cfg.lr_warmup_init,
         max_lr=cfg.lr,
@@ -186,7 +203,6 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
         use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
-    return model, optimizer, scheduler
 
 
 def load_reference_weights(gpt, state_dict, model_config: ModelConfig) -> None:
@@ -276,6 +292,11 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
 
 
 # ---- one step --------------------------------------------------------------------------------------
+def compute_model(model):
+    """What a forward runs: the megatron DDP wrapper, or the GPTModel under DeepSpeed."""
+    return model.module if hasattr(model, "engine") else model
+
+
 @dataclass
 class StepMetrics:
     loss: float  # mean NLL over the global batch
@@ -297,8 +318,10 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
     if segment_forward is None:
         from megaseg.megatron.model import segment_forward
 
+    net = compute_model(model)
+
     def forward_segment(ids_BL, states):
-        return segment_forward(model, ids_BL, states)
+        return segment_forward(net, ids_BL, states)
 
     dp = data_parallel_size()
     local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches)
@@ -335,9 +358,17 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
     optimizer.zero_grad()
     nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16,
                                                                       segment_forward=segment_forward)
-    finalize_model_grads([model])
     lr = current_lr(optimizer)  # the rate this step applies (the scheduler then moves on)
-    if math.isfinite(nll) and grads_finite(model):
+    if hasattr(model, "engine"):  # DeepSpeed: local grads are checked, then reduced once
+        finite = math.isfinite(nll) and grads_finite(model)
+        if finite:
+            model.reduce_gradients()
+        else:
+            model.zero_grad_buffer()
+    else:  # megatron DDP: one all-reduce / reduce-scatter of the grad buffers
+        finalize_model_grads([model])
+        finite = math.isfinite(nll) and grads_finite(model)
+    if finite:
         update_successful, grad_norm, _ = optimizer.step()
     else:  # a non-finite loss or gradient: no update, the batch counts as consumed
         update_successful, grad_norm = False, None
@@ -357,7 +388,9 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
 def grads_finite(model) -> bool:
     """Every gradient of every rank is finite (one flag, all-reduced over all ranks)."""
     buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
-    if buffers:
+    if hasattr(model, "grads_finite"):
+        ok = model.grads_finite()
+    elif buffers:
         ok = all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
     else:
         ok = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if hasattr(p, "main_grad"))
@@ -388,7 +421,8 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
                 states = None
                 for i in range(n_seg):
                     with autocast_context(bf16):
-                        logits_BLV, states = segment_forward(model, tokens_BT[:, i * S : (i + 1) * S], states)
+                        logits_BLV, states = segment_forward(compute_model(model), tokens_BT[:, i * S : (i + 1) * S],
+                                                             states)
                     labels_BL = labels_BT[:, i * S : (i + 1) * S]
                     seg_sum[i] += float(torch.nn.functional.cross_entropy(
                         logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100, reduction="sum"))
@@ -518,7 +552,8 @@ def pretrain(
         f"{n_params / 1e6:.2f}M parameters (this rank), vocab {model_config.vocab_size}; "
         f"segments S={cfg.segment_length} M={cfg.tail_length} R={cfg.retrieval_length} K={cfg.tbptt_k}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}"
-        f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}, "
+        f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}"
+        f"{' (DeepSpeed ZeRO)' if cfg.deepspeed else ''}, "
         f"{num_micro} micro-batch(es) of {cfg.micro_batch_size} per step")
 
     iteration, consumed = 0, 0

@@ -161,3 +161,22 @@ def test_distributed_optimizer_with_sgd_is_refused_in_one_line():
         check_optimizer_settings(tiny_config(use_distributed_optimizer=True, optimizer="sgd"))
     message = str(info.value)
     assert "optimizer='sgd'" in message and "use_distributed_optimizer" in message and "\n" not in message
+
+
+def test_deepspeed_missing_is_one_line_saying_how_to_install(monkeypatch, tmp_path):
+    import builtins
+
+    from megaseg.training.trainer import check_optimizer_settings
+
+    real_import = builtins.__import__
+
+    def no_deepspeed(name, *args, **kwargs):
+        if name == "deepspeed" or name.startswith("deepspeed."):
+            raise ImportError("No module named 'deepspeed'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepspeed)
+    with pytest.raises(ConfigError) as info:
+        check_optimizer_settings(tiny_config(deepspeed=True, deepspeed_config=str(tmp_path / "ds.json")))
+    message = str(info.value)
+    assert "pip install 'megaseg[deepspeed]'" in message and "\n" not in message
