@@ -162,7 +162,9 @@ class DeepSpeedModel:
 
     def reduce_gradients(self):
         """Reduce every accumulated gradient once over the data-parallel group."""
-        self.engine.optimizer.reduce_gradients()
+        zero = self.engine.optimizer
+        zero.setup_buckets()  # what DeepSpeed's own backward prologue does: the reduction buffers
+        zero.reduce_gradients()
 
 
 class DeepSpeedOptimizer:
@@ -193,7 +195,9 @@ class DeepSpeedOptimizer:
             return
         for p in self.engine.module.parameters():
             p.grad = torch.zeros_like(p)
-        self.engine.optimizer.reduce_gradients()
+        zero = self.engine.optimizer
+        zero.setup_buckets()  # what DeepSpeed's own backward prologue does: the reduction buffers
+        zero.reduce_gradients()
         self.step()
 
     # ---- checkpoints: full per-parameter state in model space -----------------------------
