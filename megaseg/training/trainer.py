@@ -120,14 +120,14 @@ def check_optimizer_settings(cfg: PretrainConfig) -> None:
 
 
 def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, initial_weights=None):
-    """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler).
+    """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler); with ``cfg.deepspeed``
+    (DeepSpeedModel, DeepSpeedOptimizer, OptimizerParamScheduler) from megaseg.training.deepspeed_backend.
 
     ``initial_weights`` (a reference state dict, HF Llama names) replaces the random init of
     this rank's shard before the optimizer copies any parameter (continued pretraining).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
