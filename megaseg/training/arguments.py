@@ -105,6 +105,13 @@ class PretrainConfig:
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
     pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    use_distributed_optimizer: bool = _f(
+        False, "shard fp32 main params and Adam state over data-parallel ranks (megatron-core DistributedOptimizer, "
+        "ZeRO-1: grads are reduce-scattered, params all-gathered after the step)", "parallel")
+    deepspeed: bool = _f(False, "DeepSpeed ZeRO stage 1/2 instead of megatron's optimizer (pip install "
+                         "'megaseg[deepspeed]')", "parallel")
+    deepspeed_config: str | None = _f(None, "DeepSpeed JSON config (zero_optimization.stage 1 or 2, optional "
+                                      "offload_optimizer); batch sizes and clipping must agree with the flags", "parallel")
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
     attention_kernel: str = _f(
         "auto", "segmented attention kernel: auto = fused Triton kernel on CUDA when triton imports, else the "

@@ -134,9 +134,11 @@ def _poison(monkeypatch, steps):
     monkeypatch.setattr(trainer, "forward_backward", forward_backward)
 
 
-def test_a_non_finite_step_is_skipped_counted_and_training_continues(model_parallel, monkeypatch):
-    clean = pretrain(cfg := tiny_config(train_iters=4, lr_decay_iters=4), cfg.model_config(cfg.vocab_size), TRAIN,
-                     out=io.StringIO())
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_a_non_finite_step_is_skipped_counted_and_training_continues(model_parallel, monkeypatch,
+                                                                     distributed_optimizer):
+    cfg = tiny_config(train_iters=4, lr_decay_iters=4, use_distributed_optimizer=distributed_optimizer)
+    clean = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, out=io.StringIO())
     _poison(monkeypatch, {2})
     log = io.StringIO()
     result = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, out=log)
