@@ -24,13 +24,18 @@ setup(
     extras_require={
         "hf": ["transformers"],
         # triton: its interpreter runs the fused attention kernel's tests on CPU.
-        "test": ["pytest", "transformers", "triton", "lm-eval[hf]"],
-        # Evaluation of exported checkpoints with lm-evaluation-harness (HF backend).
-        "eval": ["lm-eval[hf]", "transformers"],
+        # deepspeed: a 15 s install with no version changes to the pinned packages; its ZeRO tests
+        # run on CPU over gloo.
+        "test": ["pytest", "transformers", "triton", "lm-eval[hf]", "deepspeed==0.19.8"],
+        # Evaluation: lm-evaluation-harness on exports (HF backend); plots and progress bars
+        # of tools/evaluate.py (both optional at run time).
+        "eval": ["lm-eval[hf]", "transformers", "matplotlib", "tqdm"],
         # tools/bench_inference.py and tools/bench_tbptt.py: stock peers and the plot.
         "bench": ["transformers", "matplotlib"],
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],
+        # DeepSpeed ZeRO-1/2 (--deepspeed); runs on CPU over gloo as well.
+        "deepspeed": ["deepspeed==0.19.8"],
     },
 )

@@ -162,7 +162,7 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.megatron import parallel
     from megaseg.checkpoint.training import locate_checkpoint
     from megaseg.ops import kernels
-    from megaseg.training.trainer import check_batch_sizes, pretrain, resolve_bf16
+    from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain, resolve_bf16
 
     parallel.initialize_model_parallel(
         tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size, seed=cfg.seed
@@ -170,6 +170,7 @@ def run(cfg: PretrainConfig) -> int:
     try:
         # Everything that can be checked cheaply is checked before data preparation.
         check_batch_sizes(cfg)
+        check_optimizer_settings(cfg)
         resolve_bf16(cfg.bf16)
         kernels.set_default(cfg.attention_kernel)
         if cfg.load:

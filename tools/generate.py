@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megaseg.config import ConfigError, HeadPlan, SegmentConfig  # noqa: E402
+from megaseg.config import ConfigError  # noqa: E402
 from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
 from megaseg.checkpoint.formats import checkpoint_shape, read_model  # noqa: E402
 from megaseg.checkpoint.weights import parse_dtype  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 from megaseg.checkpoint.errors import CheckpointError
 from megaseg.checkpoint.formats import TRAINING, detect_format, read_model
 from megaseg.checkpoint.training import (
-    COMMON_FILE, find_checkpoint, read_training_common, verify_checkpoint,
+    COMMON_FILE, find_checkpoint, verify_checkpoint,
 )
 from megaseg.config import MODES, ModelConfig
 

@@ -45,6 +45,7 @@ TOKENIZER_FILE = "tokenizer.model"
 COMMON_FILE = "common.pt"
 FORMAT_VERSION = 1
 _CHUNK = 1 << 22
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclass
@@ -169,13 +170,35 @@ def _sharded_rng(state):
 
 
 # ---- state dicts ------------------------------------------------------------------------------
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors before a load.
+
+    Without Apex or Transformer Engine its state dict reads the step count from the torch
+    Adam state, which a fresh optimizer does not have yet; megatron-core's own dummy step
+    (zero gradients) allocates it. Every value it touches is then replaced by the load.
+    """
+    if hasattr(optimizer, "allocate_state"):  # DeepSpeed ZeRO
+        optimizer.allocate_state()
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and inner is not None and not inner.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def _sharded_state_dict(model, optimizer, scheduler, *, is_loading: bool, with_optimizer: bool, with_rng: bool):
     from megatron.core.utils import unwrap_model
 
     model_sd = unwrap_model(model).sharded_state_dict()
     sd: dict[str, Any] = {"model": model_sd}
     if with_optimizer and optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        if is_loading:
+            _allocate_optimizer_state(optimizer)
+        # The distributed optimizer's state is saved in model space (one tensor per parameter,
+        # like the replicated optimizer's), so it reloads at any DP/TP/PP size; the replicated
+        # optimizer ignores the metadata.
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                       metadata=OPTIMIZER_METADATA)
     if with_optimizer and scheduler is not None and not is_loading:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:

@@ -1,6 +1,7 @@
-"""megaseg checkpoint directories and Hugging Face Llama weight files.
+"""megaseg model directories and Hugging Face Llama weight files.
 
-A megaseg checkpoint directory holds the reference model of one process:
+A megaseg model directory (written by `tools/convert_hf.py import`; pretraining writes
+training checkpoints, see training.py) holds the reference model of one process:
 
     megaseg_config.json   {"format": "megaseg", "version": 1,
                            "model": ModelConfig.to_dict(), "hf": {fields kept for export}}
@@ -30,9 +31,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from megaseg.config import ConfigError, HeadPlan, ModelConfig, SegmentConfig
 from megaseg.checkpoint.errors import CheckpointError
-from megaseg.hf.llama_config import model_config_from_hf, passthrough_from_hf
+from megaseg.config import ConfigError, ModelConfig
 from megaseg.models.llama import SegmentedLlamaForCausalLM
 from megaseg.ops.segmented_attention import SegmentedAttention
 
@@ -306,6 +306,7 @@ def build_model(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], dtype:
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.core = SegmentedAttention(
             cfg.head_plan.layer(i), cfg.segment, cfg.rope, cfg.head_dim, cfg.heads_per_group)
+        layer.self_attn.core.layer_index = i
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -138,6 +138,7 @@ class SegmentedCoreAttention(MegatronModule):
         self.kv_groups = (tp_rank * per_rank, (tp_rank + 1) * per_rank)
         modes = cfg.head_plan.slice_groups(*self.kv_groups).layer(self.layer_index)
         self.operator = SegmentedAttention(modes, cfg.segment, cfg.rope, cfg.head_dim, cfg.heads_per_group)
+        self.operator.layer_index, self.operator.group_offset = self.layer_index, self.kv_groups[0]
         self.segment_length = cfg.segment.segment_length
         # Another TP rank carries a gradient-bearing tail in this layer but this one does not.
         self.placeholder_tail = (

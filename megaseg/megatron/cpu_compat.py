@@ -4,7 +4,9 @@ megatron-core assumes CUDA throughout: `torch.cuda.current_device()` and `device
 in buffers, schedules, optimizer, grad clipping, grad scaler and DDP; the CUDA RNG
 tracker for tensor-parallel seeds; `Tensor.cuda()` when tying embeddings across
 pipeline stages; `torch.cuda.synchronize()` and `ShardedTensor.init_data("cuda")` in
-dist_checkpointing; a `'torch.cuda.FloatTensor'` type assert in grad clipping.
+dist_checkpointing; `'torch.cuda.FloatTensor'` type checks in grad clipping and the
+distributed optimizer; torch's own Adam (no Apex or Transformer Engine, as on every CPU)
+keeps a per-parameter `step` the distributed optimizer's checkpoint loader does not expect.
 
 `apply()` handles them in three ways, narrowest first:
 
@@ -70,6 +72,7 @@ _MODULES = (
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.optimizer",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.dist_checkpointing.serialization",
@@ -111,6 +114,44 @@ _SOURCE_EDITS = (
             ),
             ("param.type() == 'torch.cuda.FloatTensor'", "param.type() == 'torch.FloatTensor'"),
         ],
+    ),
+    (
+        # The distributed optimizer sorts parameters into fp32 / 16-bit groups by CUDA type name.
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._build_model_and_main_param_groups",
+        [
+            (
+                "model_param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']",
+                "model_param.type() in ['torch.HalfTensor', 'torch.BFloat16Tensor']",
+            ),
+            ("model_param.type() == 'torch.cuda.FloatTensor'", "model_param.type() == 'torch.FloatTensor'"),
+        ],
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.__init__",
+        [
+            (
+                "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']",
+                "param.type() in ['torch.HalfTensor', 'torch.BFloat16Tensor']",
+            ),
+        ],
+    ),
+    (
+        # Saving distributed optimizer state in the fully reshardable format gathers the shards.
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+        [("send_tensor = send_tensor.cuda()", "send_tensor = send_tensor.cpu()")],
+    ),
+    (
+        # torch's own Adam (no Apex/Transformer Engine, as on CPU) keeps a per-parameter `step`,
+        # which the loaded state lacks: load_state_dict restores it from the param groups.
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        [(
+            "dst_tensors[key].copy_(tensors[key])",
+            "dst_tensors[key].copy_(tensors[key]) if key != 'step' or key in tensors else None",
+        )],
     ),
     (
         "megatron.core.optimizer.grad_scaler",
@@ -274,7 +315,7 @@ def _recompile(module_name, qualname, edits):
     free = set(original.__code__.co_freevars) - {"__class__"}
     if free:
         raise CpuCompatError(f"{module_name}.{qualname} closes over {sorted(free)}; cannot recompile it")
-    lines, first_line = inspect.getsourcelines(original)
+    lines, first_line = inspect.getsourcelines(original)  # from the first decorator (@classmethod)
     source = textwrap.dedent("".join(lines))
     for old, new in edits:
         if old not in source:
@@ -293,7 +334,7 @@ def _recompile(module_name, qualname, edits):
     namespace = {}
     exec(code, module.__dict__, namespace)
     replacement = namespace["_megaseg_factory"](owner if isinstance(owner, type) else None)
-    replacement.__qualname__ = original.__qualname__
+    inspect.unwrap(replacement).__qualname__ = original.__qualname__  # a classmethod stays one
     setattr(owner, name, replacement)
     return current, replacement
 

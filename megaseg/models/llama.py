@@ -40,6 +40,7 @@ class Attention(nn.Module):
         self.core = SegmentedAttention(
             cfg.head_plan.layer(layer), cfg.segment, cfg.rope, cfg.head_dim, cfg.heads_per_group
         )
+        self.core.layer_index = layer
 
     def forward(self, x_BLE, state: LayerState | None):
         B, L, _ = x_BLE.shape

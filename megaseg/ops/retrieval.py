@@ -39,7 +39,8 @@ def retrieve(
     valid_len_C: torch.Tensor,
     r: int,
     group_reduce: str = "sum",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    details: bool = False,
+):
     """Retrieve R_{i-1} for C segment boundaries at once.
 
     query_end_BCGHD: the un-rotated segment-end query of each boundary, per KV group and
@@ -48,7 +49,9 @@ def retrieve(
     group_reduce:   "sum" adds the heads' scores (one dot product with the summed query),
         "max" takes the largest head score.
     Returns keys and values [B, C, R', G, D] (detached, original order) and the number of
-    valid retrieved tokens per row [C] (= min(r, valid_len_C)).
+    valid retrieved tokens per row [C] (= min(r, valid_len_C)); with ``details`` also the
+    picked positions [B, G, C, R'] and the margin [B, G, C] between the R-th and (R+1)-th
+    best score (NaN where a row has no (R+1)-th candidate).
     """
     dtype = torch.promote_types(query_end_BCGHD.dtype, torch.float32)
     q, k = query_end_BCGHD.to(dtype), pool_k_BTGD.to(dtype)
@@ -66,4 +69,11 @@ def retrieve(
     keys = torch.gather(pool_k_BTGD.detach(), 1, gather_idx).reshape(b, c, rk, g, d)
     values = torch.gather(pool_v_BTGD.detach(), 1, gather_idx).reshape(b, c, rk, g, d)
     count_C = torch.clamp(valid_len_C, max=r)
-    return keys, values, count_C
+    if not details:
+        return keys, values, count_C
+    t = scores.shape[-1]
+    valid = torch.arange(t, device=scores.device) < valid_len_C.to(scores.device)[:, None]
+    top = scores.masked_fill(~valid, float("-inf")).topk(min(r + 1, t), dim=-1).values
+    margin = top[..., r - 1] - top[..., r] if top.shape[-1] > r else torch.full(top.shape[:-1], float("nan"))
+    margin = margin.masked_fill(~(valid_len_C.to(scores.device) > r), float("nan"))
+    return keys, values, count_C, idx_BGCR, margin

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, RopeConfig, SegmentConfig
-from megaseg.ops import kernels
+from megaseg.ops import kernels, stats
 from megaseg.ops.kernels import SegmentBatch
 from megaseg.ops.retrieval import retrieve
 from megaseg.ops.rope import Rotary, _rotate_half
@@ -78,6 +78,9 @@ class SegmentedAttention(torch.nn.Module):
         if kernel is not None and kernel not in kernels.KERNELS:
             raise ValueError(f"kernel={kernel!r} is invalid: allowed {', '.join(kernels.KERNELS)}")
         self.kernel = kernel  # None: the process default (megaseg.ops.kernels.set_default)
+        # Where this operator sits, for megaseg.ops.stats: set by the model that owns it.
+        self.layer_index = 0
+        self.group_offset = 0
         self.modes = tuple(modes)
         self.segment = segment
         self.head_dim = head_dim
@@ -142,9 +145,13 @@ class SegmentedAttention(torch.nn.Module):
         pool_v = torch.cat([state.pool_v, new_v], 1) if state.pool_v is not None else new_v
         before = state.pool_k.shape[1] if state.pool_k is not None else 0
         valid_len = before + torch.arange(1, closed + 1, device=q_BLHD.device) * S
-        keys, values, count = retrieve(
-            q_end_BCGHD, pool_k, pool_v, valid_len, R, self.segment.retrieval_group_reduce
-        )
+        rec = stats.active()
+        found = retrieve(q_end_BCGHD, pool_k, pool_v, valid_len, R, self.segment.retrieval_group_reduce,
+                         details=rec is not None)
+        keys, values, count = found[:3]
+        if rec is not None:
+            rec.add_retrieval(self.layer_index, [self.group_offset + g for g in self.groups[RETRIEVAL]], found[3],
+                              count, torch.div(valid_len, S, rounding_mode="floor"), found[4], S)
         return Retrieved(keys=keys, values=values, count=count, pool_k=pool_k, pool_v=pool_v)
 
     def _mode_prefix(self, mode, k_all, v_all, state, n_seg, ret):
@@ -248,7 +255,34 @@ class SegmentedAttention(torch.nn.Module):
             )
             o = kernels.attend(batch, self.rotary, self.kernel)
             pieces.append(o.reshape(B, n * width, H, D)[:, : n * width - pad])
+            if stats.active() is not None:
+                self._record_mass(stats.active(), batch, total - start)
         return torch.cat([p.reshape(B, -1, H, D) for p in pieces], 1) if len(pieces) > 1 else pieces[0].reshape(B, L, H, D)
+
+    @torch.no_grad()
+    def _record_mass(self, rec, batch: SegmentBatch, real_tokens: int) -> None:
+        """Attention mass on the prefix and on the segment, per access mode: the kernel run
+        once more with indicator values (prefix values e_0, segment values e_1)."""
+        B, N, Q, H, D = batch.q.shape
+        seg_v = torch.zeros_like(batch.v)
+        seg_v[..., 1] = 1
+        pre_v = None
+        if batch.prefix_v is not None:
+            pre_v = torch.zeros_like(batch.prefix_v)
+            pre_v[..., 0] = 1
+        shares = kernels.attend(replace(batch, v=seg_v, prefix_v=pre_v), self.rotary, "sdpa").float()
+        valid_NQ = (torch.arange(N * Q, device=shares.device) < real_tokens).reshape(N, Q)
+        for mode in (LOCAL, RETRIEVAL, SEGMENT):
+            groups = self.groups[mode]
+            if not groups:
+                continue
+            heads = getattr(self, f"_{mode}_heads")
+            with_prefix_N = batch.prefix_len[:, groups[0]] > 0
+            keep_NQ = valid_NQ & (with_prefix_N[:, None] if mode != SEGMENT else True)
+            if not bool(keep_NQ.any()):
+                continue
+            part = shares.index_select(3, heads)[:, keep_NQ]  # [B, kept queries, heads, D]
+            rec.add_mass(self.layer_index, mode, part[..., 0], part[..., 1])
 
     def _next_state(self, state, k_all, v_all, L, closed, ret):
         S, M = self.segment.segment_length, self.segment.tail_length

@@ -105,6 +105,13 @@ class PretrainConfig:
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
     pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    use_distributed_optimizer: bool = _f(
+        False, "shard fp32 main params and Adam state over data-parallel ranks (megatron-core DistributedOptimizer, "
+        "ZeRO-1: grads are reduce-scattered, params all-gathered after the step)", "parallel")
+    deepspeed: bool = _f(False, "DeepSpeed ZeRO stage 1/2 instead of megatron's optimizer (pip install "
+                         "'megaseg[deepspeed]')", "parallel")
+    deepspeed_config: str | None = _f(None, "DeepSpeed JSON config (zero_optimization.stage 1 or 2, optional "
+                                      "offload_optimizer); batch sizes and clipping must agree with the flags", "parallel")
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
     attention_kernel: str = _f(
         "auto", "segmented attention kernel: auto = fused Triton kernel on CUDA when triton imports, else the "
@@ -140,6 +147,9 @@ class PretrainConfig:
     tensorboard_dir: str | None = _f("runs/default/tensorboard", "TensorBoard event files ('none' = off)", "logging")
     eval_interval: int = _f(25, "validation every N steps (and at the end)", "logging")
     eval_iters: int = _f(2, "global batches per validation (0 = no validation)", "logging")
+    log_segment_stats_interval: int = _f(
+        25, "every N steps write retrieval, attention-mass and tail-gradient statistics of one micro-batch to "
+        "TensorBoard under segments/ (0 = never)", "logging")
 
     config: str | None = _f(None, "YAML file with any of these fields", "config")
 
@@ -190,6 +200,8 @@ class PretrainConfig:
                   f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.eval_iters < 0:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if self.log_segment_stats_interval < 0:
+            _fail("log_segment_stats_interval", self.log_segment_stats_interval, "must be >= 0 (0 = never)")
         if self.max_consecutive_skipped_steps < 0:
             _fail("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, "must be >= 0")
         if self.pipeline_model_parallel_size != 1:

@@ -62,6 +62,23 @@ class _Window:
             self.segment_counts[i] += 1
 
 
+# TensorBoard's "Custom Scalars" tab: every segment's loss in one chart (does quality hold in
+# later segments?), and the segment statistics grouped by kind.
+CUSTOM_SCALARS = {
+    "loss by segment": {
+        "training loss, one line per segment": ["Multiline", [r"loss/segment_\d+"]],
+        "validation loss, one line per segment": ["Multiline", [r"loss/valid_segment_\d+"]],
+    },
+    "segments": {
+        "retrieval distance (segments back)": ["Multiline", [r"segments/retrieval_distance/.*"]],
+        "retrieved from the previous segment (share)": ["Multiline", [r"segments/retrieval_previous_segment_share/.*"]],
+        "retrieval score margin, R-th vs (R+1)-th": ["Multiline", [r"segments/retrieval_margin/.*"]],
+        "attention mass on the prefix": ["Multiline", [r"segments/prefix_mass/.*"]],
+        "tail cotangent / grad norm, per depth": ["Multiline", [r"segments/tail_cotangent_rel_grad/.*"]],
+    },
+}
+
+
 class TrainingMonitor:
     """Collects per-step metrics; writes TensorBoard scalars and periodic log lines.
 
@@ -80,6 +97,7 @@ class TrainingMonitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
+            self.writer.add_custom_scalars(CUSTOM_SCALARS)
         self._window = _Window()
         self._recent_step_s: list[float] = []
 
@@ -142,6 +160,16 @@ class TrainingMonitor:
             f"{win.tokens / win.seconds if win.seconds else float('nan'):,.0f} tokens/s | "
             f"{1000 * win.seconds / max(win.steps, 1):,.0f} ms/iter | peak mem {peak:,.0f} MiB | ETA {eta}"
         )
+
+    def record_segment_stats(self, iteration: int, scalars: dict[str, float], histograms: dict) -> None:
+        """Scalars and histograms of `megaseg.ops.stats` (names under ``segments/``)."""
+        if not self.enabled or self.writer is None:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, iteration)
+        for name, values in histograms.items():
+            if len(values):
+                self.writer.add_histogram(name, values, iteration)
 
     def record_validation(self, iteration: int, loss: float, segment_losses: list[float], seconds: float) -> None:
         if not self.enabled:

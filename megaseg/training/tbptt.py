@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megaseg.ops import stats
 from megaseg.ops.segmented_attention import LayerState
 
 TAIL_FIELDS = ("tail_k", "tail_v")
@@ -90,6 +91,9 @@ def tbptt_backward(
     denom = num_predicted if num_predicted is not None else int((labels_BT != -100).sum())
     denom = max(denom, 1)
     result = StepResult(loss=0.0, tokens=int(input_ids_BT.numel()))
+    rec = stats.active()
+    if rec is not None:
+        rec.tbptt_k = k
     window: deque = deque()  # (input leaves, output tails) of the last K graphs, newest last
     states = None
     total = 0.0
@@ -115,6 +119,8 @@ def tbptt_backward(
                     leaf.grad = None
             if not pairs:
                 break
+            if rec is not None:  # l_i's cotangent crossing `depth` boundaries back
+                rec.add_cotangent(depth, [p[1] for p in pairs])
             last_use = depth == k
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs], retain_graph=not last_use)
             cot_leaves = prev_leaves

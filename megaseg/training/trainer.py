@@ -35,6 +35,7 @@ from megaseg.config import ConfigError, ModelConfig
 from megaseg.training.arguments import PretrainConfig
 from megaseg.checkpoint.training import locate_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megaseg.training.monitor import StepTimer, TrainingMonitor
+from megaseg.ops import stats
 from megaseg.training.tbptt import tbptt_backward
 
 
@@ -104,20 +105,36 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
     return cfg.global_batch_size // (cfg.micro_batch_size * dp)
 
 
+def check_optimizer_settings(cfg: PretrainConfig) -> None:
+    """Optimizer flags that cannot go together (ConfigError, one line naming both values);
+    with --deepspeed, that deepspeed imports and its config agrees with the flags."""
+    if cfg.deepspeed:
+        from megaseg.training import deepspeed_backend
+
+        deepspeed_backend.import_deepspeed()
+        deepspeed_backend.deepspeed_config(cfg, data_parallel_size())
+    if cfg.use_distributed_optimizer and cfg.optimizer != "adam":
+        raise ConfigError(
+            f"optimizer={cfg.optimizer!r} is invalid with use_distributed_optimizer=True: megatron-core's "
+            "distributed optimizer shards and checkpoints Adam state only; use --optimizer adam"
+        )
+
+
 def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, initial_weights=None):
-    """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler).
+    """(DDP-wrapped GPTModel, megatron optimizer, OptimizerParamScheduler); with ``cfg.deepspeed``
+    (DeepSpeedModel, DeepSpeedOptimizer, OptimizerParamScheduler) from megaseg.training.deepspeed_backend.
 
     ``initial_weights`` (a reference state dict, HF Llama names) replaces the random init of
     this rank's shard before the optimizer copies any parameter (continued pretraining).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megaseg.megatron.model import build_model
 
+    check_optimizer_settings(cfg)
     # Same seed, same initial weights, however many times a process builds a model.
     seed_everything(cfg.seed)
     model_parallel_cuda_manual_seed(cfg.seed)
@@ -129,9 +146,21 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
     )
     if initial_weights is not None:
         load_reference_weights(gpt, initial_weights, model_config)
+    if cfg.deepspeed:
+        from megaseg.training import deepspeed_backend
+
+        model, optimizer, _ = deepspeed_backend.setup(cfg, gpt, data_parallel_size())
+        return model, optimizer, _scheduler(cfg, optimizer)
     model = DistributedDataParallel(
         config=gpt.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        # overlap_grad_reduce=False: the TBPTT engine's several backward calls per micro-batch
+        # only accumulate into the grad buffers; `finalize_model_grads` reduces them once a step
+        # (all-reduce, or reduce-scatter with the distributed optimizer).
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        ),
         module=gpt,
     )
     optimizer = get_megatron_optimizer(
@@ -146,12 +175,19 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
             sgd_momentum=cfg.sgd_momentum,
             clip_grad=cfg.clip_grad,
             params_dtype=torch.float32,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
         ),
         [model],
     )
+    return model, optimizer, _scheduler(cfg, optimizer)
+
+
+def _scheduler(cfg: PretrainConfig, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     # Megatron counts scheduler steps in samples.
     gbs = cfg.global_batch_size
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=cfg.lr_warmup_init,
         max_lr=cfg.lr,
@@ -168,7 +204,6 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
         use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
-    return model, optimizer, scheduler
 
 
 def load_reference_weights(gpt, state_dict, model_config: ModelConfig) -> None:
@@ -193,6 +228,19 @@ def schedule_changes(saved_args: dict, cfg: PretrainConfig) -> list[str]:
     current = cfg.to_dict()
     return [f"{name} {saved_args[name]} -> {current[name]}" for name in SCHEDULE_ARGS
             if name in saved_args and saved_args[name] != current[name]]
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of this rank's optimizer state: Adam moments (and step counts), plus separate fp32
+    main copies of 16-bit parameters. fp32 parameters are their own main copies (the
+    distributed optimizer's shard of one is a view of it), so they add nothing here."""
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        for group in getattr(opt, "shard_fp32_from_float16_groups", None) or getattr(opt, "fp32_from_float16_groups", None) or []:
+            total += sum(p.numel() * p.element_size() for p in group)
+    return total
 
 
 def current_lr(optimizer) -> float:
@@ -245,6 +293,11 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
 
 
 # ---- one step --------------------------------------------------------------------------------------
+def compute_model(model):
+    """What a forward runs: the megatron DDP wrapper, or the GPTModel under DeepSpeed."""
+    return model.module if hasattr(model, "engine") else model
+
+
 @dataclass
 class StepMetrics:
     loss: float  # mean NLL over the global batch
@@ -253,18 +306,27 @@ class StepMetrics:
     lr: float = 0.0
     tokens: int = 0  # tokens processed on all ranks
     update_successful: bool = True
+    segment_stats: object = None  # megaseg.ops.stats.SegmentStats of this rank's first micro-batch, when asked
 
 
-def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
+def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segment_forward=None,
+                     segment_stats: list | None = None):
     """TBPTT-K forward/backward over micro-batches; grads accumulate in the DDP buffers.
 
-    Returns (sum of NLL, per-segment NLL sums, per-segment token counts, tokens), each summed
-    over all data-parallel ranks.
+    ``segment_forward(model, ids_BL, states) -> (logits_BLV, states)`` runs one segment
+    (default: `megaseg.megatron.model.segment_forward`, the whole model on this rank); a
+    model split another way passes its own. Returns (sum of NLL, per-segment NLL sums,
+    per-segment token counts, tokens), each summed over all data-parallel ranks. With a
+    ``segment_stats`` list, the first micro-batch runs under `megaseg.ops.stats.recording`
+    and its recorder is appended to the list.
     """
-    from megaseg.megatron.model import segment_forward
+    if segment_forward is None:
+        from megaseg.megatron.model import segment_forward
+
+    net = compute_model(model)
 
     def forward_segment(ids_BL, states):
-        return segment_forward(model, ids_BL, states)
+        return segment_forward(net, ids_BL, states)
 
     dp = data_parallel_size()
     local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches)
@@ -275,8 +337,11 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
     seg_sum = [0.0] * n_seg
     seg_count = [0] * n_seg
     tokens = 0
-    for tokens_BT, labels_BT in microbatches:
-        with autocast_context(bf16):
+    for m, (tokens_BT, labels_BT) in enumerate(microbatches):
+        recording = stats.recording() if segment_stats is not None and m == 0 else contextlib.nullcontext()
+        with autocast_context(bf16), recording as rec:
+            if rec is not None:
+                segment_stats.append(rec)
             # DDP divides gradients by dp; loss_scale=dp makes the result the global token mean.
             result = tbptt_backward(forward_segment, tokens_BT, S, cfg.tbptt_k, labels_BT=labels_BT,
                                     loss_scale=float(dp), num_predicted=num_predicted)
@@ -291,16 +356,30 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool):
     return nll, seg_sum, seg_count, tokens, num_predicted
 
 
-def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, bf16: bool) -> StepMetrics:
-    """One optimizer step over this rank's micro-batches of a global batch."""
+def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, bf16: bool,
+               segment_forward=None, segment_stats: bool = False) -> StepMetrics:
+    """One optimizer step over this rank's micro-batches of a global batch (``segment_forward``:
+    see `forward_backward`; with ``segment_stats`` the first micro-batch's segment statistics
+    are recorded)."""
     from megatron.core.distributed import finalize_model_grads
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16)
-    finalize_model_grads([model])
+    recorded = [] if segment_stats else None
+    nll, seg_sum, seg_count, tokens, num_predicted = forward_backward(model, microbatches, cfg, bf16,
+                                                                      segment_forward=segment_forward,
+                                                                      segment_stats=recorded)
     lr = current_lr(optimizer)  # the rate this step applies (the scheduler then moves on)
-    if math.isfinite(nll) and grads_finite(model):
+    if hasattr(model, "engine"):  # DeepSpeed: local grads are checked, then reduced once
+        finite = math.isfinite(nll) and grads_finite(model)
+        if finite:
+            model.reduce_gradients()
+        else:
+            model.zero_grad_buffer()
+    else:  # megatron DDP: one all-reduce / reduce-scatter of the grad buffers
+        finalize_model_grads([model])
+        finite = math.isfinite(nll) and grads_finite(model)
+    if finite:
         update_successful, grad_norm, _ = optimizer.step()
     else:  # a non-finite loss or gradient: no update, the batch counts as consumed
         update_successful, grad_norm = False, None
@@ -313,6 +392,7 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
         lr=lr,
         tokens=tokens,
         update_successful=bool(update_successful),
+        segment_stats=recorded[0] if recorded else None,
     )
 
 
@@ -320,7 +400,9 @@ def train_step(model, optimizer, scheduler, microbatches, cfg: PretrainConfig, b
 def grads_finite(model) -> bool:
     """Every gradient of every rank is finite (one flag, all-reduced over all ranks)."""
     buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
-    if buffers:
+    if hasattr(model, "grads_finite"):
+        ok = model.grads_finite()
+    elif buffers:
         ok = all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
     else:
         ok = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if hasattr(p, "main_grad"))
@@ -351,7 +433,8 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
                 states = None
                 for i in range(n_seg):
                     with autocast_context(bf16):
-                        logits_BLV, states = segment_forward(model, tokens_BT[:, i * S : (i + 1) * S], states)
+                        logits_BLV, states = segment_forward(compute_model(model), tokens_BT[:, i * S : (i + 1) * S],
+                                                             states)
                     labels_BL = labels_BT[:, i * S : (i + 1) * S]
                     seg_sum[i] += float(torch.nn.functional.cross_entropy(
                         logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100, reduction="sum"))
@@ -480,7 +563,9 @@ def pretrain(
     say(f"model: {model_config.num_layers} layers, hidden {model_config.hidden_size}, "
         f"{n_params / 1e6:.2f}M parameters (this rank), vocab {model_config.vocab_size}; "
         f"segments S={cfg.segment_length} M={cfg.tail_length} R={cfg.retrieval_length} K={cfg.tbptt_k}; "
-        f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}"
+        f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}"
+        f"{' (DeepSpeed ZeRO)' if cfg.deepspeed else ''}, "
         f"{num_micro} micro-batch(es) of {cfg.micro_batch_size} per step")
 
     iteration, consumed = 0, 0
@@ -548,7 +633,9 @@ def pretrain(
         while iteration < cfg.train_iters:
             with StepTimer() as timer:
                 microbatches = rank_microbatches(train_dataset, consumed, cfg)
-                metrics = train_step(model, optimizer, scheduler, microbatches, cfg, bf16)
+                want_stats = monitor.writer is not None and bool(cfg.log_segment_stats_interval) and (
+                    (iteration + 1) % cfg.log_segment_stats_interval == 0 or iteration == start_iteration)
+                metrics = train_step(model, optimizer, scheduler, microbatches, cfg, bf16, segment_stats=want_stats)
             iteration += 1
             consumed += cfg.global_batch_size
             losses.append(metrics.loss)
@@ -566,6 +653,8 @@ def pretrain(
                         f"max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps}); lower --lr{where}")
             monitor.record_step(iteration, metrics.loss, metrics.segment_losses, metrics.lr, metrics.grad_norm,
                                 metrics.tokens, timer.seconds, consumed, skipped_steps=skipped)
+            if metrics.segment_stats is not None:
+                monitor.record_segment_stats(iteration, *metrics.segment_stats.summary(metrics.grad_norm))
             if do_eval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                 validate()
             if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:

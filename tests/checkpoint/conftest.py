@@ -26,8 +26,12 @@ TINY_FLAGS = [
 ]
 
 
+def subprocess_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
 def torchrun(*args, cwd, nproc=2):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          str(REPO / "pretrain" / "pretrain_gpt.py"), *map(str, args)],

@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 
 from megaseg.checkpoint import training as checkpointing
+from tests.checkpoint.conftest import TINY_FLAGS
 from megaseg.training import trainer
 from megaseg.training.trainer import INTERRUPTED_FILE, pretrain
 from tests.training.synthetic import PatternDataset, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pretrain" / "pretrain_gpt.py"
-FLAGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
-    "--ffn-hidden-size", "64", "--seq-length", "64", "--segment-length", "16", "--tail-length", "4",
-    "--retrieval-length", "4", "--long-range-layers", "1", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--min-lr", "1e-3", "--log-interval", "1", "--eval-iters", "0", "--split", "90,10,0",
-    "--tensorboard-dir", "none", "--train-iters", "8", "--lr-decay-iters", "8", "--save", "ckpt", "--load", "ckpt",
-]
+FLAGS = TINY_FLAGS + ["--train-iters", "8", "--lr-decay-iters", "8", "--save", "ckpt", "--load", "ckpt"]
 
 
 def _losses(stdout):
@@ -139,9 +134,11 @@ def _poison(monkeypatch, steps):
     monkeypatch.setattr(trainer, "forward_backward", forward_backward)
 
 
-def test_a_non_finite_step_is_skipped_counted_and_training_continues(model_parallel, monkeypatch):
-    clean = pretrain(cfg := tiny_config(train_iters=4, lr_decay_iters=4), cfg.model_config(cfg.vocab_size), TRAIN,
-                     out=io.StringIO())
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_a_non_finite_step_is_skipped_counted_and_training_continues(model_parallel, monkeypatch,
+                                                                     distributed_optimizer):
+    cfg = tiny_config(train_iters=4, lr_decay_iters=4, use_distributed_optimizer=distributed_optimizer)
+    clean = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, out=io.StringIO())
     _poison(monkeypatch, {2})
     log = io.StringIO()
     result = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, out=log)

@@ -2,7 +2,6 @@
 generate; and the other way, a Hugging Face Llama -> --pretrained-checkpoint at TP2."""
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from megaseg.megatron import parallel
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "pretrain" / "pretrain_gpt.py"
-from tests.checkpoint.conftest import TINY_FLAGS, torchrun as _torchrun
+from tests.checkpoint.conftest import subprocess_env, torchrun as _torchrun
 
 
 def _step_losses(stdout):
@@ -146,7 +145,7 @@ def test_pretrained_checkpoint_contradicting_flags_is_one_line(tmp_path, small_d
     llama.save_pretrained(tmp_path / "llama")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained-checkpoint", "llama", "--hidden-size", "64",
                            "--segment-length", "16", "--tail-length", "4", "--long-range-layers", "1"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "hidden_size=64 is invalid: the pretrained checkpoint llama has hidden_size=32" in lines[0]
@@ -161,3 +160,14 @@ def test_export_keeps_every_config_field(tp2_checkpoint, tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["bos_token_id"] == 2 and config["eos_token_id"] == 3  # the run's tokenizer's ids
     assert detect_format(tmp_path / "hf") == HF_MEGASEG and MEGASEG != HF_MEGASEG
+
+
+def test_evaluation_loads_a_training_checkpoint_with_its_tokenizer(tp2_checkpoint):
+    from megaseg.eval.loading import load_for_eval
+
+    model, tok = load_for_eval(tp2_checkpoint)
+    ids = torch.tensor([tok.encode("import os\nimport sys\n" * 8)])
+    with torch.no_grad():
+        ours = model(ids)[0]
+        again = read_model(tp2_checkpoint).build()(ids)[0]
+    assert torch.equal(ours, again) and tok.vocab_size == 512

@@ -70,6 +70,7 @@ def test_corrupted_checkpoint_is_one_line_error_and_nonzero_exit(model_parallel,
         (["--tail-length", "600"], ["tail_length=600 is invalid"]),
         (["--global-batch-size", "5"], ["global_batch_size=5 is invalid"]),
         (["--load", "no/such/dir"], ["no/such/dir: checkpoint directory does not exist"]),
+        (["--use-distributed-optimizer", "--optimizer", "sgd"], ["optimizer='sgd' is invalid with use_distributed_optimizer=True"]),
         (["--data-path", "missing_prefix", "--tokenizer-model", "missing.model"], ["missing.model"]),
     ],
 )

@@ -80,3 +80,24 @@ def test_train_step_with_accumulation_updates_weights_like_one_batch(model_paral
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in params[0]:
         torch.testing.assert_close(params[1][name], params[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_segment_forward_is_a_parameter_of_the_step(model_parallel):
+    """A replacement segment forward (as a pipeline stage would pass) is what the engine calls."""
+    from megaseg.megatron.model import segment_forward
+
+    cfg = tiny_config(micro_batch_size=2, global_batch_size=4)
+    model, _, _ = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
+    microbatches = rank_microbatches(TRAIN, 0, cfg)
+    model.zero_grad_buffer()
+    want = forward_backward(model, microbatches, cfg, bf16=False)
+    calls = []
+
+    def traced(m, ids_BL, states):
+        calls.append(ids_BL.shape)
+        return segment_forward(m, ids_BL, states)
+
+    model.zero_grad_buffer()
+    got = forward_backward(model, microbatches, cfg, bf16=False, segment_forward=traced)
+    assert calls == [(2, cfg.segment_length)] * (2 * cfg.seq_length // cfg.segment_length)
+    assert got == want

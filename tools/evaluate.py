@@ -1,0 +1,181 @@
+"""Run an evaluation from a YAML file; write JSON results and PNG plots.
+
+    python tools/evaluate.py examples/eval/alignment.yaml      # the alignment experiment
+    python tools/evaluate.py examples/eval/checkpoint.yaml     # modes x tasks x lengths of checkpoints
+    python tools/evaluate.py CONFIG.yaml --replot              # plots again from the written JSON
+
+A file with an ``experiment:`` mapping trains and evaluates the small alignment experiment
+(``megaseg.eval.experiment.ExperimentConfig`` fields). Otherwise it evaluates checkpoints:
+
+    checkpoints: {name: path}         # megaseg checkpoint or HF directory, with a tokenizer
+    tokenizer: null                   # optional tokenizer path for all checkpoints
+    corpus: stdlib                    # haystack text: stdlib or a directory / file
+    lengths: [1024, 4096]
+    tasks: [passkey, niah_single]
+    samples: 8                        # per task and length
+    perplexity: {documents: 4, bucket: 512}
+    modes:                            # see megaseg.eval.modes.InferenceMode
+      - {name: megaseg, kind: megaseg}
+      - {name: full, kind: full}
+      - {name: streaming, kind: streaming, sinks: 4, window: 1024}
+      - {name: duo, kind: duo, full_heads: plan.json, window: 1024}
+    output: runs/eval
+
+Bad input (unknown task, a length a mode or task cannot run, an empty or too-small corpus,
+a checkpoint without a tokenizer) stops with one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from megaseg.config import ConfigError  # noqa: E402
+from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
+
+
+def progress_bar(desc: str):
+    """tqdm over a job list when tqdm is installed, else one log line per job."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def plain(items):
+            items = list(items)
+            for i, it in enumerate(items):
+                print(f"{desc}: {i + 1}/{len(items)}", file=sys.stderr, flush=True)
+                yield it
+        return plain
+    return lambda items: tqdm(list(items), desc=desc, file=sys.stderr, mininterval=5)
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config {path!r} is invalid: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path!r} is invalid: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path!r} is invalid: expected a mapping at the top level")
+    return data
+
+
+def run_experiment(cfg_dict: dict, output: Path, replot: bool) -> dict:
+    from megaseg.eval.experiment import ExperimentConfig, run
+
+    exp = dict(cfg_dict)
+    cfg = ExperimentConfig.from_dict(exp)
+    path = Path(cfg.output_dir) / "alignment.json"
+    if replot:
+        return json.loads(path.read_text())
+    t0 = time.time()
+    result = run(cfg, log=lambda m: print(f"[{time.time() - t0:7.0f} s] {m}", file=sys.stderr, flush=True),
+                 progress=progress_bar("evaluating"))
+    return result
+
+
+def run_checkpoints(cfg: dict, output: Path, replot: bool) -> dict:
+    from megaseg.eval.evaluator import eval_documents, perplexity, task_accuracy
+    from megaseg.eval.loading import load_for_eval
+    from megaseg.eval.modes import mode_from_dict
+    from megaseg.eval.tasks import Haystack, check_task, generate
+
+    if replot:
+        return json.loads((output / "results.json").read_text())
+    allowed = {"checkpoints", "tokenizer", "corpus", "lengths", "tasks", "samples", "perplexity", "modes", "output",
+               "seed", "threads"}
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ConfigError(f"config: unknown keys {unknown}; allowed {sorted(allowed)}")
+    ckpts = cfg.get("checkpoints") or {}
+    if not isinstance(ckpts, dict) or not ckpts:
+        raise ConfigError("checkpoints is invalid: give a mapping {name: path}")
+    tasks = [check_task(t) for t in cfg.get("tasks", [])]
+    lengths = cfg.get("lengths") or []
+    if not lengths or any(not isinstance(x, int) or x < 2 for x in lengths):
+        raise ConfigError(f"lengths={lengths!r} is invalid: a list of integers >= 2")
+    ppl_cfg = cfg.get("perplexity") or {}
+    samples, seed = int(cfg.get("samples", 8)), int(cfg.get("seed", 0))
+    torch.set_num_threads(int(cfg.get("threads", torch.get_num_threads())))
+    result = {"config": cfg, "rows": []}
+    for name, path in ckpts.items():
+        model, tok = load_for_eval(path, cfg.get("tokenizer"))
+        hay = Haystack.from_source(tok, cfg.get("corpus"))
+        modes = [mode_from_dict(m) for m in cfg.get("modes") or [{"name": "megaseg", "kind": "megaseg"}]]
+        for L in lengths:  # fail on a length a mode, task or corpus cannot serve before any work
+            for m in modes:
+                m.check_length(L)
+            for t in tasks:
+                generate(t, L, seed, tok, hay)
+            if ppl_cfg.get("documents", 0):
+                eval_documents(hay, L, 1, seed)
+        bucket = int(ppl_cfg.get("bucket", model.config.segment.segment_length))
+        jobs = [(m, L) for m in modes for L in lengths]
+        for m, L in progress_bar(f"evaluating {name}")(jobs):
+            row = {"model": name, "mode": m.name, "length": L, "tasks": {}}
+            if ppl_cfg.get("documents", 0):
+                p = perplexity(model, m, eval_documents(hay, L, int(ppl_cfg["documents"]), seed), bucket)
+                row.update(ppl=p.ppl, bucket_ppl=p.bucket_ppl, peak_state_mib=p.peak_state_mib, ppl_seconds=p.seconds)
+            else:
+                row.update(ppl=float("nan"), bucket_ppl=[], peak_state_mib=0.0)
+            peak = row["peak_state_mib"]
+            for t in tasks:
+                r = task_accuracy(model, m, tok, t, L, samples, hay, seed)
+                row["tasks"][t] = {"accuracy": r.accuracy, "exact": r.exact, "seconds": r.seconds,
+                                   "predictions": r.predictions}
+                peak = max(peak, r.peak_state_mib)
+            row["task_peak_state_mib"] = peak
+            row["accuracy"] = sum(v["accuracy"] for v in row["tasks"].values()) / max(len(tasks), 1)
+            result["rows"].append(row)
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML file")
+    ap.add_argument("--output", help="output directory (default: the file's `output`, else runs/eval)")
+    ap.add_argument("--replot", action="store_true", help="only redraw plots from the JSON already written")
+    args = ap.parse_args(argv)
+    try:
+        cfg = _read_yaml(args.config)
+        output = Path(args.output or cfg.get("output") or "runs/eval")
+        if "experiment" in cfg:
+            # Checkpoints and the running JSON go to experiment.output_dir; the final JSON
+            # and the plots to `output`.
+            result = run_experiment(dict(cfg["experiment"] or {}), output, args.replot)
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "alignment.json").write_text(json.dumps(result, indent=1) + "\n")
+            from megaseg.eval.report import alignment_markdown
+
+            (output / "alignment.md").write_text(alignment_markdown(result))
+        else:
+            result = run_checkpoints(cfg, output, args.replot)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megaseg.eval import report
+
+    if not report.plots_available():
+        print("plots skipped: matplotlib is not installed (pip install -e '.[eval]')", file=sys.stderr)
+    elif "alignment" in result:
+        for p in report.plot_alignment(result, output):
+            print(f"wrote {p}")
+    else:
+        p = report.plot_modes(result["rows"], output / "results.png", "task accuracy vs context length", with_model=True)
+        print(f"wrote {p}")
+    print(f"wrote {output / ('alignment.json' if 'alignment' in result else 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
