@@ -48,8 +48,9 @@ class Attention(nn.Module):
         xk_BLGD = self.k_proj(x_BLE).view(B, L, self.num_kv, self.head_dim)
         xv_BLGD = self.v_proj(x_BLE).view(B, L, self.num_kv, self.head_dim)
         if hasattr(state, "attend"):
-            # Rows of the batch at different positions (the inference engine's groups):
-            # the state object calls the same core once per group.
+            # Rows of the batch at different positions (the inference engine's batch state):
+            # it runs the same core per group of equal positions (prefill) or as one
+            # batched decode step over all rows.
             out_BLHD, state = state.attend(self.core, xq_BLHD, xk_BLGD, xv_BLGD)
         else:
             out_BLHD, state = self.core(xq_BLHD, xk_BLGD, xv_BLGD, state)
