@@ -1,4 +1,4 @@
-"""Typed configuration for segmented execution (SEMANTICS.md §1–5) and the reference model.
+"""Typed configuration for segmented execution (docs/semantics.md §1–5) and the reference model.
 
 Every dataclass validates itself at construction; a bad value raises ``ConfigError`` whose
 message names the field, the value and what is allowed, before any work starts.
@@ -37,7 +37,7 @@ class SegmentConfig:
     retrieval_length R: retrieved prefix for `retrieval` heads (top-R pool tokens), R >= 0.
     tbptt_k         K: segments a loss reaches back through the carried tails (0 = detach all).
     retrieval_group_reduce: how the query heads of one KV group combine their scores of a
-                    pool key (SEMANTICS §4 choice): "sum" (default) or "max".
+                    pool key (docs/semantics.md §4 choice): "sum" (default) or "max".
     """
 
     segment_length: int = 4096
@@ -130,7 +130,7 @@ class HeadPlan:
         long_range_layers: Sequence[int],
         long_range_heads: Sequence[int] | Mapping[int, Sequence[int]],
     ) -> "HeadPlan":
-        """SEMANTICS §2 default plan.
+        """docs/semantics.md §2 default plan.
 
         ``long_range_heads`` is the set H_long of KV groups: in long-range layers they are
         `retrieval`, in every other layer `segment`; all other groups are `local`.

@@ -1,4 +1,4 @@
-"""A deliberately naive, loop-per-token reading of SEMANTICS.md §2–4 for one layer.
+"""A deliberately naive, loop-per-token reading of docs/semantics.md §2–4 for one layer.
 
 Independent of megaseg.ops: it builds, for every query token, the explicit list of keys it
 may see and their rotary positions, and computes softmax attention by hand. Slow; tiny

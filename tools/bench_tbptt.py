@@ -9,7 +9,7 @@ Rows, same model dims and the same tokens at every sequence length T:
   `DotProductAttention` that users without Transformer Engine get), RoPE, one causal
   full-attention step over all T tokens.
 * ``sdpa_full``       — the reference model with one segment covering the sequence:
-  causal ``scaled_dot_product_attention`` over all T tokens (SEMANTICS §7).
+  causal ``scaled_dot_product_attention`` over all T tokens (docs/semantics.md §7).
 
 Every (row, T) point runs in a fresh subprocess. After building the model, the tokens and
 one warm-up step (gradient buffers stay allocated), the process resets its resident-set

@@ -81,7 +81,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def segmented_keys_per_query(cfg: ModelConfig, layer: int, T: int) -> float:
     """Sum over the T query tokens of one sequence of the keys each attends to in ``layer``,
-    averaged over the layer's query heads (SEMANTICS §2: prefix of the group's mode + the
+    averaged over the layer's query heads (docs/semantics.md §2: prefix of the group's mode + the
     segment causally)."""
     S, M, R = cfg.segment.segment_length, cfg.segment.tail_length, cfg.segment.retrieval_length
     modes = cfg.head_plan.layer(layer) if cfg.head_plan is not None else (LOCAL,) * cfg.num_kv_heads

@@ -11,7 +11,7 @@ the segment plus the last M tokens before it); the score is the increase of
 over the predicted positions past the first segment (before it nothing is cut). A head
 whose cut hurts most needs long-range context most. The plan for a budget of B long-range
 heads makes the B best-scoring (layer, group) pairs `retrieval` in their layer and every
-other group `local` (SEMANTICS §2 with H_long given per layer), i.e. the `prior` preset
+other group `local` (docs/semantics.md §2 with H_long given per layer), i.e. the `prior` preset
 with an explicit per-layer mapping. It is written as the JSON list of per-layer modes that
 ``--head-plan-file FILE`` reads (pretraining, HF import, generation) and with pretraining keys beside it.
 """

@@ -1,4 +1,4 @@
-"""Inference engine: segment-by-segment prefill and token decode (SEMANTICS §6).
+"""Inference engine: segment-by-segment prefill and token decode (docs/semantics.md §6).
 
 Every attention call is the one segmented operator with its cross-segment ``LayerState``;
 nothing here re-implements attention. Prefill streams each prompt in segment-aligned

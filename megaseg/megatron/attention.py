@@ -9,7 +9,7 @@ embedding (disabled here: GPTModel is built with position_embedding_type='none',
                    attn_mask_type=..., attention_bias=..., packed_seq_params=...)
 
 expecting [sq, b, np * hn] back. `SegmentedCoreAttention` transposes to batch-first and
-calls `SegmentedAttention`, which applies RoPE with per-segment positions (SEMANTICS §3).
+calls `SegmentedAttention`, which applies RoPE with per-segment positions (docs/semantics.md §3).
 
 Cross-segment state rides in `packed_seq_params`: it is the one per-call argument that
 megatron threads unchanged from `GPTModel.forward` through `TransformerBlock`,

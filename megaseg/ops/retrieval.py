@@ -1,4 +1,4 @@
-"""Forward-only top-R retrieval from the detached KV pool (SEMANTICS §4).
+"""Forward-only top-R retrieval from the detached KV pool (docs/semantics.md §4).
 
 Shape legend: B batch, C retrieval rows (one per segment boundary), T pool tokens,
 G retrieval KV groups, D head dim, R retrieved tokens.

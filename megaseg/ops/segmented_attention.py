@@ -1,4 +1,4 @@
-"""The segment-level attention operator F_theta of SEMANTICS.md, for one layer.
+"""The segment-level attention operator F_theta of docs/semantics.md, for one layer.
 
     (C_i, o_i) = F_theta(x_i, C_{i-1}, R_{i-1})
 

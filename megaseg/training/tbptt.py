@@ -1,6 +1,6 @@
-"""TBPTT-K training step (SEMANTICS §5): the exact gradient of L_K with O((K+1)·S) activations.
+"""TBPTT-K training step (docs/semantics.md §5): the exact gradient of L_K with O((K+1)·S) activations.
 
-Sequential design (ARCHITECTURE.md "Training engine", option 1). Segment j's graph G_j
+Sequential design. Segment j's graph G_j
 starts from a *leaf copy* of the carried tails C_{j-1}, so graphs are disjoint. The loss
 l_i is backpropagated through G_i, and the cotangent it leaves on G_i's input tails is
 pushed into G_{i-1}, then G_{i-2}, ... for K steps, where it stops (stopgrad C_{i-1-K}).
@@ -30,7 +30,7 @@ SegmentForward = Callable[[torch.Tensor, list], tuple[torch.Tensor, list]]
 
 @dataclass
 class StepResult:
-    loss: float  # mean NLL over all predicted tokens (SEMANTICS §5 reduction)
+    loss: float  # mean NLL over all predicted tokens (docs/semantics.md §5 reduction)
     segment_losses: list[float] = field(default_factory=list)  # mean NLL of each segment's tokens
     segment_tokens: list[int] = field(default_factory=list)
     tokens: int = 0

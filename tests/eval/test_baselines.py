@@ -29,7 +29,7 @@ def rule(mode, t, a):
         return a <= t and a // SEG == t // SEG, t % SEG, a % SEG
     if mode == "local":  # megaseg `local`, M = 3: own segment + last 3 tokens of the previous one
         ok = a <= t and (a // SEG == t // SEG or (a // SEG == t // SEG - 1 and a >= (t // SEG) * SEG - 3))
-        return ok, t, a  # true relative distances (SEMANTICS §3)
+        return ok, t, a  # true relative distances (docs/semantics.md §3)
     raise ValueError(mode)
 
 

@@ -1,4 +1,4 @@
-"""The inference engine keeps the consistency invariant (SEMANTICS §6) for batches."""
+"""The inference engine keeps the consistency invariant (docs/semantics.md §6) for batches."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The consistency invariant (SEMANTICS §6): training forward = prefill = decode."""
+"""The consistency invariant (docs/semantics.md §6): training forward = prefill = decode."""
 import random
 
 import pytest

@@ -1,4 +1,4 @@
-"""Top-R retrieval (SEMANTICS §4) against a brute-force sort."""
+"""Top-R retrieval (docs/semantics.md §4) against a brute-force sort."""
 import pytest
 import torch
 

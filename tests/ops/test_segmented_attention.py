@@ -1,4 +1,4 @@
-"""The segmented operator against SEMANTICS.md, one layer at a time."""
+"""The segmented operator against docs/semantics.md, one layer at a time."""
 import random
 
 import pytest
@@ -103,7 +103,7 @@ def test_retrieval_gradient_is_forward_only():
 
 
 def test_local_with_full_tail_equals_block_local_mask():
-    """SEMANTICS §7: all heads local, M = S: each token sees the previous segment fully."""
+    """docs/semantics.md §7: all heads local, M = S: each token sees the previous segment fully."""
     S, G, hpg, D, T = 5, 2, 2, 8, 23
     op = _op((LOCAL, LOCAL), S, S, 0, D, hpg)
     q, k, v = _qkv(1, T, G * hpg, G, D, seed=11)

@@ -1,4 +1,4 @@
-"""TBPTT-K gradients (SEMANTICS §5) against a naive per-segment rebuild."""
+"""TBPTT-K gradients (docs/semantics.md §5) against a naive per-segment rebuild."""
 import pytest
 import torch
 

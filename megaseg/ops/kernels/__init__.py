@@ -3,7 +3,7 @@
 `SegmentedAttention` plans (access modes, prefixes, state transitions) and hands the
 arithmetic to a kernel through one small interface: a `SegmentBatch` (un-rotated segment
 queries/keys/values, a per-KV-group prefix, its valid lengths, the query offset) goes in,
-the attention output comes out. Positions follow SEMANTICS §3 and are implied by the
+the attention output comes out. Positions follow docs/semantics.md §3 and are implied by the
 batch: in segment n and KV group g, prefix slot p sits at position p, segment key t at
 prefix_len[n, g] + t and query a at prefix_len[n, g] + q_offset + a. Every query attends to
 the valid prefix slots of its group (p < prefix_len[n, g]) and causally to its segment's

@@ -6,7 +6,7 @@ streams first its KV group's prefix (carried tail or retrieved tokens; the mode 
 up as the valid length ``prefix_len[n, g]``) and then its own segment's keys up to the
 causal limit, with an online softmax (FlashAttention-2 style).
 
-* RoPE re-indexing (SEMANTICS §3) is a small Triton pass before the attention launch that
+* RoPE re-indexing (docs/semantics.md §3) is a small Triton pass before the attention launch that
   rotates q, k and the prefix keys at their per-segment, per-group positions (prefix slot
   p at p, segment key t at prefix_len + t, query a at prefix_len + q_offset + a) from fp32
   cos/sin tables, computing positions from ``prefix_len`` in the kernel. Rotating once,
