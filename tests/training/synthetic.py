@@ -1,4 +1,6 @@
-"""A tiny in-memory dataset with GPTDataset's sample format, and tiny run settings."""
+"""A tiny in-memory dataset with GPTDataset's sample format, tiny run settings, and spawned ranks."""
+from pathlib import Path
+
 import torch
 
 from megaseg.training.arguments import PretrainConfig
@@ -37,3 +39,20 @@ def tiny_config(tmp_path=None, **overrides) -> PretrainConfig:
         values.update(save=str(tmp_path / "ckpt"), tensorboard_dir=str(tmp_path / "tb"))
     values.update(overrides)
     return PretrainConfig(**values)
+
+
+def spawn_ranks(rank_fn, tmp_path_factory, name: str, nprocs: int = 2) -> tuple[list, Path]:
+    """Run ``rank_fn(rank, port, out_dir)`` in ``nprocs`` spawned gloo ranks; each saves
+    ``out_dir/rank<r>.pt``. Returns (the ranks' saved results, out_dir)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from megaseg.megatron.parallel import free_port
+
+    out_dir = tmp_path_factory.mktemp(name)
+    mp.spawn(rank_fn, args=(free_port(), out_dir), nprocs=nprocs, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nprocs)], out_dir
+
+
+def rel_close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b))

@@ -9,10 +9,9 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from megaseg.config import ConfigError
-from tests.training.synthetic import PatternDataset, tiny_config
+from tests.training.synthetic import PatternDataset, rel_close, spawn_ranks, tiny_config
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'megaseg[deepspeed]')")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -110,15 +109,11 @@ def _dp2_rank(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
-    from megaseg.megatron.parallel import free_port
-
-    out_dir = tmp_path_factory.mktemp("deepspeed")
-    mp.spawn(_dp2_rank, args=(free_port(), out_dir), nprocs=2, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)], out_dir
+    return spawn_ranks(_dp2_rank, tmp_path_factory, "deepspeed")
 
 
 def _close(a, b):
-    return abs(a - b) <= REL * max(abs(a), abs(b))
+    return rel_close(a, b, REL)
 
 
 @pytest.mark.parametrize("stage", ["1", "2", "2_offload"])

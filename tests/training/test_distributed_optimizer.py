@@ -11,11 +11,10 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from megaseg.config import ConfigError
 from megaseg.training.trainer import optimizer_state_bytes, pretrain
-from tests.training.synthetic import PatternDataset, tiny_config
+from tests.training.synthetic import PatternDataset, rel_close, spawn_ranks, tiny_config
 from tools import inspect_checkpoint
 
 TRAIN = PatternDataset(64, 32, seed=0)
@@ -78,15 +77,11 @@ def _dp2_rank(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
-    from megaseg.megatron.parallel import free_port
-
-    out_dir = tmp_path_factory.mktemp("distopt")
-    mp.spawn(_dp2_rank, args=(free_port(), out_dir), nprocs=2, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)], out_dir
+    return spawn_ranks(_dp2_rank, tmp_path_factory, "distopt")
 
 
 def _close(a, b):
-    return abs(a - b) <= REL * max(abs(a), abs(b))
+    return rel_close(a, b, REL)
 
 
 def test_distributed_optimizer_matches_replicated_losses_and_weights(dp2):
