@@ -28,11 +28,11 @@ def test_prefill_logits_equal_training_forward_for_prompts_of_different_lengths(
     assert len(state.groups) == 4  # the two prompts of 26 tokens share one group
 
 
-def test_decode_logits_equal_training_forward_across_segment_boundaries_batched():
-    model = tiny_model(seed=2, S=S, M=M, R=R)
-    prompt_lens = [1, 5, 8, 13, 2]
-    steps = 4 * S + 3  # every row crosses at least four segment boundaries while decoding
-    seqs = random_ids([n + steps for n in prompt_lens], model.config.vocab_size, seed=2)
+def _decode_against_training(model, prompt_lens, steps, seed, after_step=None):
+    """Prefill prompts of ``prompt_lens`` tokens, decode ``steps`` tokens of the same random
+    sequences; (worst logit difference to the training forward, engine, state, sequences).
+    ``after_step(step, state)`` runs after every decode step."""
+    seqs = random_ids([n + steps for n in prompt_lens], model.config.vocab_size, seed=seed)
     refs = [_training_logits(model, s) for s in seqs]
     engine = InferenceEngine(model)
     logits, state = engine.prefill([s[:n] for s, n in zip(seqs, prompt_lens)])
@@ -42,6 +42,16 @@ def test_decode_logits_equal_training_forward_across_segment_boundaries_batched(
             worst = max(worst, (logits[i] - refs[i][n - 1 + step]).abs().max().item())
         tokens = torch.stack([s[n + step] for s, n in zip(seqs, prompt_lens)])
         logits = engine.decode(tokens, state)
+        if after_step is not None:
+            after_step(step, state)
+    return worst, engine, state, seqs
+
+
+def test_decode_logits_equal_training_forward_across_segment_boundaries_batched():
+    model = tiny_model(seed=2, S=S, M=M, R=R)
+    prompt_lens = [1, 5, 8, 13, 2]
+    steps = 4 * S + 3  # every row crosses at least four segment boundaries while decoding
+    worst, _, state, _ = _decode_against_training(model, prompt_lens, steps, seed=2)
     assert worst <= 1e-5
     assert state.positions() == [n + steps for n in prompt_lens]
 
@@ -144,22 +154,16 @@ def test_rows_at_different_positions_decode_in_one_step_and_convert_back_exactly
     model = tiny_model(seed=9, S=S, M=M, R=R)
     prompt_lens = [3, 8, 11, 1]
     steps = 2 * S + 5
-    seqs = random_ids([n + steps for n in prompt_lens], model.config.vocab_size, seed=9)
-    refs = [_training_logits(model, s) for s in seqs]
-    engine = InferenceEngine(model)
-    logits, state = engine.prefill([s[:n] for s, n in zip(seqs, prompt_lens)])
-    worst = 0.0
-    for step in range(steps):
-        for i, n in enumerate(prompt_lens):
-            worst = max(worst, (logits[i] - refs[i][n - 1 + step]).abs().max().item())
-        tokens = torch.stack([s[n + step] for s, n in zip(seqs, prompt_lens)])
-        logits = engine.decode(tokens, state)
+
+    def check(step, state):
         assert state._rows is not None  # one batched state per layer while decoding
         if step % 7 == 3:
             # Reading the groups converts back; the bounded state stays within S + M.
             assert state.positions() == [n + step + 1 for n in prompt_lens]
             for row in state.layer_tokens():
                 assert row["open"] < S and row["tail"] <= M
+
+    worst, engine, state, seqs = _decode_against_training(model, prompt_lens, steps, seed=9, after_step=check)
     assert worst <= 1e-5
     # A row-mode state can be reordered and repeated like any other.
     sel = state.select([2, 0, 2])
