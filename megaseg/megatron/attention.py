@@ -54,6 +54,9 @@ class SegmentStates(PackedSeqParams):
     inputs: dict[int, LayerState | None] = field(default_factory=dict)
     outputs: dict[int, LayerState] = field(default_factory=dict)
     qkv_format: str = "sbhd"
+    # A context-parallel call (megaseg.parallel.context.SequenceChunk): every layer runs its
+    # chunk of whole sequences with the neighbours' help; no state goes in or out.
+    chunk: object = None
 
     @classmethod
     def start(cls, layers: Sequence[int], states: Sequence[LayerState | None] | None) -> "SegmentStates":
@@ -114,17 +117,10 @@ class SegmentedCoreAttention(MegatronModule):
             )
         if pg_collection is not None:
             tp_group = pg_collection.tp
-            cp_size = get_pg_size(getattr(pg_collection, "cp", None))
             tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)
         else:
             tp_size = parallel_state.get_tensor_model_parallel_world_size()
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
-            cp_size = parallel_state.get_context_parallel_world_size()
-        if cp_size != 1:
-            raise ConfigError(
-                f"context_parallel_size={cp_size} is invalid: megatron's context parallel cannot run segmented "
-                "attention; use megaseg's segment-chunk context parallel"
-            )
         if cfg.num_kv_heads % tp_size:
             # With fewer KV groups than ranks megatron splits a group's query heads across
             # ranks; a retrieval group's scores sum over all its heads, so that split is refused.
@@ -175,13 +171,16 @@ class SegmentedCoreAttention(MegatronModule):
         q_BLHD = query.transpose(0, 1)
         k_BLGD = key.transpose(0, 1)
         v_BLGD = value.transpose(0, 1)
+        L, B = query.shape[0], query.shape[1]
+        if states is not None and states.chunk is not None:
+            out_BLHD, _ = self.operator(q_BLHD, k_BLGD, v_BLGD, chunk=states.chunk)
+            return out_BLHD.transpose(0, 1).reshape(L, B, -1)
         state = states.input(self.layer_index) if states is not None else None
         out_BLHD, new_state = self.operator(q_BLHD, k_BLGD, v_BLGD, state)
         if self.placeholder_tail:
             out_BLHD = self._link_placeholder_tail(out_BLHD, state, new_state, k_BLGD, v_BLGD)
         if states is not None:
             states.put(self.layer_index, new_state)
-        L, B = query.shape[0], query.shape[1]
         return out_BLHD.transpose(0, 1).reshape(L, B, -1)
 
     def _link_placeholder_tail(self, out_BLHD, state, new_state, k_BLGD, v_BLGD):

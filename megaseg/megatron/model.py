@@ -43,7 +43,9 @@ def _parallel_sizes() -> dict:
     return {
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "context_parallel_size": parallel_state.get_context_parallel_world_size(),
+        # megaseg's context parallelism (megaseg.parallel.context) is not megatron's: the
+        # TransformerConfig keeps context_parallel_size=1 and the CP group comes from
+        # parallel_state.
     }
 
 
@@ -102,7 +104,8 @@ def transformer_config_from(cfg: ModelConfig, **overrides) -> TransformerConfig:
     if kwargs.get("context_parallel_size", 1) != 1:
         raise ConfigError(
             f"context_parallel_size={kwargs['context_parallel_size']} is invalid: megatron's context parallel "
-            "cannot run segmented attention; use 1"
+            "cannot run segmented attention; megaseg's runs with TransformerConfig context_parallel_size=1 "
+            "(megaseg.parallel.context)"
         )
     config = TransformerConfig(**kwargs)
     if config.recompute_granularity == "full" or (

@@ -32,6 +32,43 @@ def select_top_r(scores_BGCT: torch.Tensor, valid_len_C: torch.Tensor, r: int) -
 
 
 @torch.no_grad()
+def retrieval_scores(query_end_BCGHD: torch.Tensor, keys_BTGD: torch.Tensor, group_reduce: str = "sum") -> torch.Tensor:
+    """Scores [B, G, C, T] of every key against every boundary's segment-end query (fp32 or wider).
+
+    "sum" adds the heads' scores (one dot product with the summed query), "max" takes the
+    largest head score. A key's score depends on that key and the query only, so any split
+    of the pool into pieces scores each piece exactly as the whole pool.
+    """
+    dtype = torch.promote_types(query_end_BCGHD.dtype, torch.float32)
+    q, k = query_end_BCGHD.to(dtype), keys_BTGD.to(dtype)
+    if group_reduce == "sum":
+        return torch.einsum("bcgd,btgd->bgct", q.sum(3), k)
+    if group_reduce == "max":
+        return torch.einsum("bcghd,btgd->bghct", q, k).amax(2)
+    raise ValueError(f"group_reduce={group_reduce!r}: allowed 'sum', 'max'")
+
+
+@torch.no_grad()
+def merge_top_r(scores_BGCN: torch.Tensor, positions_BGCN: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices [B, G, C, min(r, N)] into N candidates: the top-``r`` scores per row by the rule
+    of `select_top_r` (ties: the earlier position wins), listed in ascending position.
+
+    Candidates are (score, global position) pairs gathered from anywhere, e.g. each rank's
+    own best r; invalid candidates carry score -inf and come last. Because the top r of a
+    union is the top r of the union of each part's top r, merging the parts' winners gives
+    exactly `select_top_r` over the whole pool.
+    """
+    rk = min(r, scores_BGCN.shape[-1])
+    by_pos = positions_BGCN.argsort(dim=-1, stable=True)
+    scores = scores_BGCN.gather(-1, by_pos)
+    by_score = (-scores).argsort(dim=-1, stable=True)[..., :rk]  # stable: equal scores keep position order
+    chosen = by_pos.gather(-1, by_score)
+    valid = scores.gather(-1, by_score) != float("-inf")
+    key = torch.where(valid, positions_BGCN.gather(-1, chosen), torch.iinfo(torch.long).max)
+    return chosen.gather(-1, key.argsort(dim=-1, stable=True))
+
+
+@torch.no_grad()
 def retrieve(
     query_end_BCGHD: torch.Tensor,
     pool_k_BTGD: torch.Tensor,
@@ -53,14 +90,7 @@ def retrieve(
     picked positions [B, G, C, R'] and the margin [B, G, C] between the R-th and (R+1)-th
     best score (NaN where a row has no (R+1)-th candidate).
     """
-    dtype = torch.promote_types(query_end_BCGHD.dtype, torch.float32)
-    q, k = query_end_BCGHD.to(dtype), pool_k_BTGD.to(dtype)
-    if group_reduce == "sum":
-        scores = torch.einsum("bcgd,btgd->bgct", q.sum(3), k)
-    elif group_reduce == "max":
-        scores = torch.einsum("bcghd,btgd->bghct", q, k).amax(2)
-    else:
-        raise ValueError(f"group_reduce={group_reduce!r}: allowed 'sum', 'max'")
+    scores = retrieval_scores(query_end_BCGHD, pool_k_BTGD, group_reduce)
     idx_BGCR = select_top_r(scores, valid_len_C, r)
     b, g, c, rk = idx_BGCR.shape
     d = pool_k_BTGD.shape[-1]

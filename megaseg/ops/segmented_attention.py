@@ -100,8 +100,17 @@ class SegmentedAttention(torch.nn.Module):
         return f"modes={self.modes}, {self.segment}"
 
     # ------------------------------------------------------------------------------------
-    def forward(self, q_BLHD, k_BLGD, v_BLGD, state: LayerState | None = None):
-        """Attend a run of new tokens. Returns (output [B, L, H, D], new LayerState)."""
+    def forward(self, q_BLHD, k_BLGD, v_BLGD, state: LayerState | None = None, chunk=None):
+        """Attend a run of new tokens. Returns (output [B, L, H, D], new LayerState).
+
+        With ``chunk`` (a `megaseg.parallel.context.SequenceChunk`) the run is this rank's
+        segment-aligned chunk of whole sequences under context parallelism, possibly
+        stacked in TBPTT copies; see `_forward_chunk`. It returns no state (None).
+        """
+        if chunk is not None:
+            if state is not None:
+                raise ValueError("a context-parallel chunk starts from the state its neighbours send, not from a LayerState")
+            return self._forward_chunk(q_BLHD, k_BLGD, v_BLGD, chunk)
         state = state or LayerState()
         S = self.segment.segment_length
         B, L, H, D = q_BLHD.shape
@@ -128,6 +137,55 @@ class SegmentedAttention(torch.nn.Module):
         return out, self._next_state(state, k_all, v_all, L, closed, ret)
 
     # ------------------------------------------------------------------------------------
+    def _forward_chunk(self, q_BLHD, k_BLGD, v_BLGD, chunk):
+        """This rank's chunk of a sequence under context parallelism (docs/parallelism.md).
+
+        The chunk starts on a segment boundary. What the operator would read from the
+        state comes from the neighbours through ``chunk``: the previous rank's last tail
+        (point-to-point, with gradient) and the retrieved prefix of the first segment; the
+        retrieval of every boundary inside the chunk is a distributed exact top-R over
+        all ranks' tokens, so no rank holds the pool. With ``chunk.copies`` = K + 1 > 1 the
+        batch holds K + 1 copies of the sequences and copy c attends the tails of copy
+        c + 1 (copy K: detached ones): the loss of copy 0 then has exactly the TBPTT-K
+        gradient in one backward. Retrieval carries no gradient and runs on copy 0.
+        """
+        S, M, R = self.segment.segment_length, self.segment.tail_length, self.segment.retrieval_length
+        Bc, L, H, D = q_BLHD.shape
+        copies = chunk.copies
+        B = Bc // copies
+        n_seg = -(-L // S)
+        closed = L // S
+        state = LayerState(tokens=chunk.start)
+        my_tail = None
+        if self._uses_tail:
+            if closed == n_seg:  # the last segment is whole: a later rank reads its tail
+                gidx = self._local_groups
+                my_tail = torch.cat([k_BLGD[:, L - M :].index_select(2, gidx), v_BLGD[:, L - M :].index_select(2, gidx)], -1)
+            received = chunk.exchange_tail(self.layer_index, my_tail, anchor=k_BLGD,
+                                           shape=(M, len(self.groups[LOCAL]), 2 * D))
+            if received is not None:
+                state.tail_k, state.tail_v = received[..., :D], received[..., D:]
+        ret = None
+        if self._uses_retrieval:
+            gidx = self._retrieval_groups
+            ends = torch.arange(1, closed + 1, device=q_BLHD.device) * S - 1
+            q_end = q_BLHD[:B].index_select(1, ends).index_select(2, self._retrieval_heads)
+            q_end = q_end.reshape(B, closed, len(self.groups[RETRIEVAL]), self.hpg, D)
+            keys, values, count, first = chunk.retrieve(
+                self.layer_index, q_end, k_BLGD[:B].index_select(2, gidx).detach(),
+                v_BLGD[:B].index_select(2, gidx).detach(), R, self.segment.retrieval_group_reduce)
+            if copies > 1:
+                keys, values = keys.repeat(copies, 1, 1, 1, 1), values.repeat(copies, 1, 1, 1, 1)
+            ret = Retrieved(keys=keys, values=values, count=count, pool_k=None, pool_v=None)
+            if first is not None:
+                state.ret_k, state.ret_v = (t.repeat(copies, 1, 1, 1) if copies > 1 else t for t in first)
+        pre_k, pre_v, pre_len = self._prefixes(k_BLGD, v_BLGD, state, n_seg, ret,
+                                               copies=copies if chunk.truncated else None)
+        out = self._attend_run(q_BLHD, k_BLGD, v_BLGD, pre_k, pre_v, pre_len, 0, n_seg)
+        if my_tail is not None:
+            out = chunk.link_tail(self.layer_index, my_tail, out)
+        return out, None
+
     def _retrieve_run(self, q_BLHD, k_all, v_all, state, j, closed) -> Retrieved | None:
         """Retrieved prefixes for the segments following each boundary closed in this run."""
         if closed == 0:
@@ -154,9 +212,11 @@ class SegmentedAttention(torch.nn.Module):
                               count, torch.div(valid_len, S, rounding_mode="floor"), found[4], S)
         return Retrieved(keys=keys, values=values, count=count, pool_k=pool_k, pool_v=pool_v)
 
-    def _mode_prefix(self, mode, k_all, v_all, state, n_seg, ret):
+    def _mode_prefix(self, mode, k_all, v_all, state, n_seg, ret, copies=None):
         """One mode's prefix: (first segment's KV or None, later segments' KV [B, N-1, P', g, D]
-        or None, valid lengths [N]). The first segment of the run uses the state's prefix."""
+        or None, valid lengths [N]). The first segment of the run uses the state's prefix.
+        With ``copies`` (TBPTT copies stacked on the batch) a segment's tail comes from the
+        next copy's previous segment, and the last copy's tails are detached."""
         S, M = self.segment.segment_length, self.segment.tail_length
         B, _, _, D = k_all.shape
         dev = k_all.device
@@ -169,6 +229,8 @@ class SegmentedAttention(torch.nn.Module):
                 gidx = self._local_groups
                 body = k_all[:, : (n_seg - 1) * S].reshape(B, n_seg - 1, S, -1, D)[:, :, S - M :].index_select(3, gidx)
                 body_v = v_all[:, : (n_seg - 1) * S].reshape(B, n_seg - 1, S, -1, D)[:, :, S - M :].index_select(3, gidx)
+                if copies is not None:
+                    body, body_v = shift_copies(body, copies), shift_copies(body_v, copies)
                 rest_len = torch.full((n_seg - 1,), M, dtype=torch.long, device=dev)
         else:
             first_k, first_v = state.ret_k, state.ret_v
@@ -178,14 +240,14 @@ class SegmentedAttention(torch.nn.Module):
         lens = torch.cat([torch.tensor([first_len], device=dev), rest_len])
         return first_k, first_v, body, body_v, lens
 
-    def _prefixes(self, k_all, v_all, state, n_seg, ret):
+    def _prefixes(self, k_all, v_all, state, n_seg, ret, copies=None):
         """Prefix KV [B, N, P, G, D] of every segment of the run and group of the layer (None
         when no segment has one), and the valid lengths [N, G]. Local groups hold the
         carried tail, retrieval groups the retrieved tokens, segment groups nothing."""
         B, _, G, D = k_all.shape
         dev = k_all.device
         used = [m for m, on in ((LOCAL, self._uses_tail), (RETRIEVAL, self._uses_retrieval)) if on]
-        parts = {m: self._mode_prefix(m, k_all, v_all, state, n_seg, ret) for m in used}
+        parts = {m: self._mode_prefix(m, k_all, v_all, state, n_seg, ret, copies) for m in used}
         width = 0
         for first_k, _, body, _, _ in parts.values():
             width = max(width, 0 if first_k is None else first_k.shape[1], 0 if body is None else body.shape[2])
@@ -498,6 +560,16 @@ class Retrieved:
     count: torch.Tensor
     pool_k: torch.Tensor
     pool_v: torch.Tensor
+
+
+def shift_copies(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """Rows of copy c + 1 in place of copy c's, the last copy's own rows detached.
+
+    x holds ``copies`` blocks of equal rows along dim 0 (copy 0 first). Copy c's segment
+    then reads its carried tail from copy c + 1, so a loss on copy 0 reaches back through
+    exactly copies - 1 segment boundaries (TBPTT-K with K = copies - 1)."""
+    blocks = x.unflatten(0, (copies, -1))
+    return torch.cat([blocks[1:], blocks[-1:].detach()], 0).flatten(0, 1)
 
 
 def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

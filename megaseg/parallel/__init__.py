@@ -1,0 +1,1 @@
+"""Parallelism that megaseg adds to megatron-core: context parallelism over segments."""
