@@ -35,7 +35,8 @@ class SegmentConfig:
     segment_length  S: tokens per segment (the last segment of a sequence may be shorter).
     tail_length     M: carried KV tail of the previous segment for `local` heads, 0 <= M <= S.
     retrieval_length R: retrieved prefix for `retrieval` heads (top-R pool tokens), R >= 0.
-    tbptt_k         K: segments a loss reaches back through the carried tails (0 = detach all).
+    tbptt_k         K: segments a loss reaches back through the carried tails (0 = detach all,
+                    -1 = untruncated: the gradient of the one-pass forward).
     retrieval_group_reduce: how the query heads of one KV group combine their scores of a
                     pool key (docs/semantics.md §4 choice): "sum" (default) or "max".
     """
@@ -63,8 +64,8 @@ class SegmentConfig:
             )
         if self.retrieval_length < 0:
             _fail("retrieval_length", self.retrieval_length, "must be >= 0")
-        if self.tbptt_k < 0:
-            _fail("tbptt_k", self.tbptt_k, "must be >= 0 (0 detaches every tail)")
+        if self.tbptt_k < -1:
+            _fail("tbptt_k", self.tbptt_k, "must be >= 0 (0 detaches every tail), or -1 for the untruncated gradient")
         if self.retrieval_group_reduce not in GROUP_REDUCTIONS:
             _fail("retrieval_group_reduce", self.retrieval_group_reduce, f"allowed: {GROUP_REDUCTIONS}")
 

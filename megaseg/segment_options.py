@@ -38,7 +38,7 @@ SEGMENT_OPTIONS: dict[str, Option] = {
     "segment_length": Option(int, "S: tokens per segment"),
     "tail_length": Option(int, "M: carried KV tail of `local` heads"),
     "retrieval_length": Option(int, "R: retrieved prefix of `retrieval` heads (0 when none)"),
-    "tbptt_k": Option(int, "K: segments a loss backpropagates through (0 = detach every tail)"),
+    "tbptt_k": Option(int, "K: segments a loss backpropagates through (0 = detach every tail, -1 = untruncated)"),
     "retrieval_group_reduce": Option(str, "how a KV group's query heads combine retrieval scores", GROUP_REDUCTIONS),
     "head_plan_preset": Option(str, "how long-range heads are chosen", HEAD_PLAN_PRESETS),
     "long_range_layers": Option(int, "0-based layers whose long-range heads retrieve", is_list=True),

@@ -164,8 +164,17 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.ops import kernels
     from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain, resolve_bf16
 
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    layout = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
+    if world % layout:
+        raise ConfigError(
+            f"tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = "
+            f"{cfg.tensor_model_parallel_size} x {cfg.pipeline_model_parallel_size} x {cfg.context_parallel_size} "
+            f"= {layout} is invalid: it must divide the world size {world}"
+        )
     parallel.initialize_model_parallel(
-        tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size, seed=cfg.seed
+        tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size, cp=cfg.context_parallel_size,
+        seed=cfg.seed,
     )
     try:
         # Everything that can be checked cheaply is checked before data preparation.

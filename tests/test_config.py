@@ -14,7 +14,7 @@ from megaseg.config import (
         (dict(segment_length=8, tail_length=9), "tail_length=9 is invalid: must be <= segment_length (8)"),
         (dict(tail_length=-1), "tail_length=-1 is invalid: must be >= 0"),
         (dict(retrieval_length=-2), "retrieval_length=-2 is invalid: must be >= 0"),
-        (dict(tbptt_k=-1), "tbptt_k=-1 is invalid: must be >= 0"),
+        (dict(tbptt_k=-2), "tbptt_k=-2 is invalid: must be >= 0 (0 detaches every tail), or -1"),
         (dict(segment_length=8.0), "segment_length=8.0 is invalid: must be an integer"),
         (dict(retrieval_group_reduce="mean"), "retrieval_group_reduce='mean' is invalid: allowed: ('sum', 'max')"),
     ],

@@ -370,3 +370,61 @@ def context_parallel_forward(model, ids_BL: torch.Tensor, chunk: SequenceChunk) 
         if handle is not None:
             handle.remove()
     return logits[:B, :, : gpt.megaseg_config.vocab_size]
+
+
+def _segment_sums(logits_BLV, labels_BL, chunk: SequenceChunk):
+    """Summed NLL of the chunk (a tensor) and, per segment of the whole sequence, the NLL sum
+    and labelled-token count of this chunk's part (zero elsewhere)."""
+    import torch.nn.functional as F
+
+    layout, S = chunk.layout, chunk.layout.segment_length
+    nll_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100,
+                             reduction="none").view(labels_BL.shape)
+    detached = nll_BL.detach()
+    labelled = labels_BL != -100
+    sums, counts = [0.0] * layout.num_segments, [0] * layout.num_segments
+    first, stop = layout.segment_range(chunk.rank)
+    for i in range(first, stop):
+        a, b = i * S - chunk.start, min((i + 1) * S, layout.seq_length) - chunk.start
+        sums[i] = float(detached[:, a:b].sum())
+        counts[i] = int(labelled[:, a:b].sum())
+    return nll_BL.sum(), sums, counts
+
+
+def chunk_backward(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, layout: ChunkLayout, tbptt_k: int,
+                   loss_scale: float = 1.0, num_predicted: int | None = None):
+    """Forward and backward of this rank's chunk of whole sequences; accumulates ``.grad``.
+
+    The same contract as `megaseg.training.tbptt.tbptt_backward`, whose result type it
+    returns: the loss backpropagated is ``loss_scale * (NLL sum of this chunk) /
+    num_predicted``, so with loss_scale = data x context-parallel size and the global
+    number of predicted tokens the reduced gradient is that of the global token mean.
+    ``StepResult.loss`` is this chunk's NLL sum / num_predicted; segment lists cover every
+    segment of the sequence, with this chunk's part (others 0).
+    """
+    from megaseg.training.tbptt import StepResult
+
+    chunk = SequenceChunk.for_this_rank(layout, tbptt_k) if layout.size > 1 else SequenceChunk(layout, 0, tbptt_k)
+    a, b = chunk.token_range
+    labels = labels_BT[:, a:b]
+    denom = max(num_predicted if num_predicted is not None else int((labels != -100).sum()), 1)
+    total, sums, counts = _segment_sums(context_parallel_forward(model, input_ids_BT[:, a:b], chunk), labels, chunk)
+    try:
+        total.mul(loss_scale / denom).backward()
+    finally:
+        chunk.finish()
+    return StepResult(loss=float(total.detach()) / denom, segment_losses=[s / max(c, 1) for s, c in zip(sums, counts)],
+                      segment_tokens=counts, tokens=int(labels.numel()))
+
+
+@torch.no_grad()
+def chunk_losses(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, layout: ChunkLayout):
+    """Forward-only: (NLL sum, labelled tokens) per segment of the sequence, this chunk's part."""
+    chunk = SequenceChunk.for_this_rank(layout, -1) if layout.size > 1 else SequenceChunk(layout, 0, -1)
+    a, b = chunk.token_range
+    try:
+        _, sums, counts = _segment_sums(context_parallel_forward(model, input_ids_BT[:, a:b], chunk),
+                                        labels_BT[:, a:b], chunk)
+    finally:
+        chunk.finish()
+    return sums, counts

@@ -105,6 +105,8 @@ class PretrainConfig:
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
     pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    context_parallel_size: int = _f(1, "context-parallel ranks: each runs a contiguous chunk of whole segments of "
+                                    "every sequence (megaseg's segment-chunk context parallelism)", "parallel")
     use_distributed_optimizer: bool = _f(
         False, "shard fp32 main params and Adam state over data-parallel ranks (megatron-core DistributedOptimizer, "
         "ZeRO-1: grads are reduce-scattered, params all-gathered after the step)", "parallel")
@@ -163,7 +165,7 @@ class PretrainConfig:
         positive = (
             "num_layers", "hidden_size", "num_attention_heads", "segment_length", "seq_length",
             "micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_interval",
-            "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
@@ -204,6 +206,16 @@ class PretrainConfig:
             _fail("log_segment_stats_interval", self.log_segment_stats_interval, "must be >= 0 (0 = never)")
         if self.max_consecutive_skipped_steps < 0:
             _fail("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, "must be >= 0")
+        if self.context_parallel_size > 1:
+            from megaseg.parallel.context import ChunkLayout
+
+            ChunkLayout(self.seq_length, self.segment_length, self.context_parallel_size)
+            if self.pipeline_model_parallel_size > 1:
+                _fail("context_parallel_size", self.context_parallel_size,
+                      f"must be 1 with pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
+                      "context parallelism runs the whole model on each rank")
+        if self.tbptt_k < 0 and self.pipeline_model_parallel_size > 1:
+            _fail("tbptt_k", self.tbptt_k, "must be >= 0 with pipeline parallelism")
         if self.pipeline_model_parallel_size != 1:
             _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
                   "must be 1: the TBPTT engine runs the whole model on one stage")

@@ -84,7 +84,8 @@ def tbptt_backward(
     summed loss of one segment (default: cross entropy over logits, ignore_index=-100).
     """
     if k < 0:
-        raise ValueError(f"tbptt_k={k} must be >= 0")
+        raise ValueError(f"tbptt_k={k} must be >= 0 here; the untruncated gradient (-1) is the one-pass "
+                         "backward (megaseg.parallel.context.chunk_backward)")
     loss_fn = loss_fn or _sum_cross_entropy
     labels_BT = segment_labels(input_ids_BT, labels_BT)
     T = input_ids_BT.shape[1]

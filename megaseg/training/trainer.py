@@ -108,6 +108,11 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
 def check_optimizer_settings(cfg: PretrainConfig) -> None:
     """Optimizer flags that cannot go together (ConfigError, one line naming both values);
     with --deepspeed, that deepspeed imports and its config agrees with the flags."""
+    if cfg.deepspeed and cfg.context_parallel_size > 1:
+        raise ConfigError(
+            f"context_parallel_size={cfg.context_parallel_size} is invalid with deepspeed=True: the DeepSpeed path "
+            "reduces gradients over data-parallel ranks only; use --use-distributed-optimizer"
+        )
     if cfg.deepspeed:
         from megaseg.training import deepspeed_backend
 
@@ -283,12 +288,25 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def context_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_world_size()
+
+
+def uses_chunks(cfg: PretrainConfig) -> bool:
+    """Whether steps run whole sequences in chunks (megaseg.parallel.context): with context
+    parallelism, and for the untruncated gradient (tbptt_k = -1) on one rank too."""
+    return context_parallel_size() > 1 or cfg.tbptt_k < 0
+
+
 def _all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums over the data x context-parallel ranks (each holds part of the global batch)."""
     t = torch.tensor(values, dtype=torch.float64, device=compute_device())
-    if dist.is_initialized() and data_parallel_size() > 1:
+    if dist.is_initialized() and data_parallel_size() * context_parallel_size() > 1:
         from megatron.core import parallel_state
 
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return t.tolist()
 
 
@@ -328,9 +346,26 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
     def forward_segment(ids_BL, states):
         return segment_forward(net, ids_BL, states)
 
-    dp = data_parallel_size()
-    local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches)
-    num_predicted = int(_all_reduce_sum([local_predicted])[0])
+    # DDP divides gradients by the data x context-parallel size; scaling the loss by it makes
+    # the reduced gradient that of the global token mean.
+    scale = float(data_parallel_size() * context_parallel_size())
+    if uses_chunks(cfg):
+        from megaseg.parallel.context import ChunkLayout, chunk_backward
+
+        layout = ChunkLayout(cfg.seq_length, cfg.segment_length, context_parallel_size())
+        segment_stats = None  # statistics are recorded by the sequential engine only
+
+        def run(tokens_BT, labels_BT, num_predicted):
+            return chunk_backward(net, tokens_BT, labels_BT, layout, cfg.tbptt_k, loss_scale=scale,
+                                  num_predicted=num_predicted)
+    else:
+        def run(tokens_BT, labels_BT, num_predicted):
+            return tbptt_backward(forward_segment, tokens_BT, cfg.segment_length, cfg.tbptt_k, labels_BT=labels_BT,
+                                  loss_scale=scale, num_predicted=num_predicted)
+
+    # Every context-parallel rank holds the whole micro-batches: count once per data-parallel rank.
+    local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches) / context_parallel_size()
+    num_predicted = round(_all_reduce_sum([local_predicted])[0])
     S = cfg.segment_length
     n_seg = -(-cfg.seq_length // S)
     nll = 0.0
@@ -342,9 +377,7 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
         with autocast_context(bf16), recording as rec:
             if rec is not None:
                 segment_stats.append(rec)
-            # DDP divides gradients by dp; loss_scale=dp makes the result the global token mean.
-            result = tbptt_backward(forward_segment, tokens_BT, S, cfg.tbptt_k, labels_BT=labels_BT,
-                                    loss_scale=float(dp), num_predicted=num_predicted)
+            result = run(tokens_BT, labels_BT, num_predicted)
         nll += result.loss * num_predicted
         for i, (mean, count) in enumerate(zip(result.segment_losses, result.segment_tokens)):
             seg_sum[i] += mean * count
@@ -427,9 +460,20 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
     S = cfg.segment_length
     n_seg = -(-cfg.seq_length // S)
     seg_sum, seg_count = [0.0] * n_seg, [0.0] * n_seg
+    layout = None
+    if context_parallel_size() > 1:
+        from megaseg.parallel.context import ChunkLayout, chunk_losses
+
+        layout = ChunkLayout(cfg.seq_length, S, context_parallel_size())
     try:
         for it in range(cfg.eval_iters):
             for tokens_BT, labels_BT in rank_microbatches(dataset, it * cfg.global_batch_size, cfg):
+                if layout is not None:  # each context-parallel rank runs its chunk, forward only
+                    with autocast_context(bf16):
+                        sums, counts = chunk_losses(compute_model(model), tokens_BT, labels_BT, layout)
+                    seg_sum = [a + b for a, b in zip(seg_sum, sums)]
+                    seg_count = [a + b for a, b in zip(seg_count, counts)]
+                    continue
                 states = None
                 for i in range(n_seg):
                     with autocast_context(bf16):
@@ -564,6 +608,7 @@ def pretrain(
         f"{n_params / 1e6:.2f}M parameters (this rank), vocab {model_config.vocab_size}; "
         f"segments S={cfg.segment_length} M={cfg.tail_length} R={cfg.retrieval_length} K={cfg.tbptt_k}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}"
+        f"{f', context-parallel {context_parallel_size()}' if context_parallel_size() > 1 else ''}"
         f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}"
         f"{' (DeepSpeed ZeRO)' if cfg.deepspeed else ''}, "
         f"{num_micro} micro-batch(es) of {cfg.micro_batch_size} per step")

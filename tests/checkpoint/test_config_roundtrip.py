@@ -39,7 +39,7 @@ PRETRAIN = dict(
     lr_decay_style="linear", lr_warmup_iters=3, lr_warmup_fraction=0.2, lr_warmup_init=1e-5, lr_decay_iters=30,
     weight_decay=0.05, optimizer="sgd", adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6, sgd_momentum=0.5,
     clip_grad=0.5, bf16=False, seed=7, max_consecutive_skipped_steps=2,
-    tensor_model_parallel_size=2, use_distributed_optimizer=True, deepspeed=True,
+    tensor_model_parallel_size=2, context_parallel_size=2, use_distributed_optimizer=True, deepspeed=True,
     deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",  # pipeline size can only be 1 so far
     data_path=["0.5", "a_text_document", "0.5", "b_text_document"], default_data_dir="elsewhere", split="90,5,5",
     tokenizer_model="tok.model", data_cache_path="cache", save="out", save_interval=10, load="in",
