@@ -3,6 +3,7 @@
 #   NPROC=2 examples/pretrain_torchrun.sh                         # 2 ranks, default run (gloo on CPU)
 #   NPROC=8 examples/pretrain_torchrun.sh --config examples/llama2_7b_paper.yaml
 #   NPROC=4 examples/pretrain_torchrun.sh --use-distributed-optimizer   # Adam state sharded over 4 DP ranks
+#   NPROC=4 examples/pretrain_torchrun.sh --context-parallel-size 2     # each sequence's segments split over 2 ranks, DP 2
 # Extra arguments are passed to pretrain/pretrain_gpt.py and override the config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
