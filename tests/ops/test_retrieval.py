@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megaseg.ops.retrieval import retrieve, select_top_r
+from megaseg.ops.retrieval import retrieve, select_top_r, merge_top_r
 
 
 def _brute(scores_T, valid, r):
@@ -55,3 +55,28 @@ def test_group_heads_combine_by_sum_or_max(reduce):
         per_head = k[0, :, gg] @ q[0, 0, gg].T  # [T, H]
         scores = (per_head.sum(1) if reduce == "sum" else per_head.amax(1)).tolist()
         torch.testing.assert_close(keys[0, 0, :, gg], k[0, _brute(scores, T, r), gg])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merging_each_parts_top_r_is_select_top_r_over_the_whole_pool(seed):
+    """The distributed top-R of context parallelism: split the pool into parts, keep each
+    part's top R (as (score, global position) candidates), merge: the same picks in the same
+    order as select_top_r over the whole pool, ties included, also for rows with fewer than
+    R valid tokens."""
+    g = torch.Generator().manual_seed(seed)
+    B, G, C, T, R = 2, 3, 5, 40, 6
+    scores = torch.randint(0, 4, (B, G, C, T), generator=g).float()  # many ties
+    valid_len = torch.tensor([3, 9, 17, 30, 40])
+    want = select_top_r(scores, valid_len, R)
+    cuts = [0, 7, 8, 21, 40]
+    cand_s, cand_p = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        part_valid = (valid_len - a).clamp(0, b - a)
+        idx = select_top_r(scores[..., a:b], part_valid, R)
+        s = scores[..., a:b].gather(-1, idx).masked_fill(idx >= part_valid[:, None], float("-inf"))
+        cand_s.append(s)
+        cand_p.append(idx + a)
+    cand_s, cand_p = torch.cat(cand_s[::-1], -1), torch.cat(cand_p[::-1], -1)  # any order of parts
+    picked = cand_p.gather(-1, merge_top_r(cand_s, cand_p, R))
+    for c, n in enumerate(valid_len.clamp(max=R).tolist()):
+        assert torch.equal(picked[:, :, c, :n], want[:, :, c, :n]), c
