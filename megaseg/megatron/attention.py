@@ -174,6 +174,8 @@ class SegmentedCoreAttention(MegatronModule):
         L, B = query.shape[0], query.shape[1]
         if states is not None and states.chunk is not None:
             out_BLHD, _ = self.operator(q_BLHD, k_BLGD, v_BLGD, chunk=states.chunk)
+            if self.placeholder_tail:
+                states.chunk.placeholder(self.layer_index, L, k_BLGD[:, :0, :0])
             return out_BLHD.transpose(0, 1).reshape(L, B, -1)
         state = states.input(self.layer_index) if states is not None else None
         out_BLHD, new_state = self.operator(q_BLHD, k_BLGD, v_BLGD, state)

@@ -104,8 +104,8 @@ class SegmentedAttention(torch.nn.Module):
         """Attend a run of new tokens. Returns (output [B, L, H, D], new LayerState).
 
         With ``chunk`` (a `megaseg.parallel.context.SequenceChunk`) the run is this rank's
-        segment-aligned chunk of whole sequences under context parallelism, possibly
-        stacked in TBPTT copies; see `_forward_chunk`. It returns no state (None).
+        segment-aligned chunk of whole sequences under context parallelism; see
+        `_forward_chunk`. It returns no state (None).
         """
         if chunk is not None:
             if state is not None:
@@ -142,21 +142,20 @@ class SegmentedAttention(torch.nn.Module):
 
         The chunk starts on a segment boundary. What the operator would read from the
         state comes from the neighbours through ``chunk``: the previous rank's last tail
-        (point-to-point, with gradient) and the retrieved prefix of the first segment; the
-        retrieval of every boundary inside the chunk is a distributed exact top-R over
-        all ranks' tokens, so no rank holds the pool. With ``chunk.copies`` = K + 1 > 1 the
-        batch holds K + 1 copies of the sequences and copy c attends the tails of copy
-        c + 1 (copy K: detached ones): the loss of copy 0 then has exactly the TBPTT-K
-        gradient in one backward. Retrieval carries no gradient and runs on copy 0.
+        (point-to-point) and the retrieved prefix of the first segment; the retrieval of
+        every boundary inside the chunk is a distributed exact top-R over all ranks' tokens,
+        so no rank holds the pool. How gradient crosses a segment boundary is the chunk's
+        business (`SequenceChunk.cut_tails`): for TBPTT-K every carried tail is a leaf
+        whose cotangent `SequenceChunk.backward` pushes back K times; untruncated, tails
+        stay attached. Retrieval carries no gradient.
         """
         S, M, R = self.segment.segment_length, self.segment.tail_length, self.segment.retrieval_length
-        Bc, L, H, D = q_BLHD.shape
-        copies = chunk.copies
-        B = Bc // copies
+        B, L, H, D = q_BLHD.shape
         n_seg = -(-L // S)
         closed = L // S
         state = LayerState(tokens=chunk.start)
         my_tail = None
+        cut = None
         if self._uses_tail:
             if closed == n_seg:  # the last segment is whole: a later rank reads its tail
                 gidx = self._local_groups
@@ -165,22 +164,20 @@ class SegmentedAttention(torch.nn.Module):
                                            shape=(M, len(self.groups[LOCAL]), 2 * D))
             if received is not None:
                 state.tail_k, state.tail_v = received[..., :D], received[..., D:]
+            cut = lambda body_k, body_v: chunk.cut_tails(self.layer_index, body_k, body_v)  # noqa: E731
         ret = None
         if self._uses_retrieval:
             gidx = self._retrieval_groups
             ends = torch.arange(1, closed + 1, device=q_BLHD.device) * S - 1
-            q_end = q_BLHD[:B].index_select(1, ends).index_select(2, self._retrieval_heads)
+            q_end = q_BLHD.index_select(1, ends).index_select(2, self._retrieval_heads)
             q_end = q_end.reshape(B, closed, len(self.groups[RETRIEVAL]), self.hpg, D)
             keys, values, count, first = chunk.retrieve(
-                self.layer_index, q_end, k_BLGD[:B].index_select(2, gidx).detach(),
-                v_BLGD[:B].index_select(2, gidx).detach(), R, self.segment.retrieval_group_reduce)
-            if copies > 1:
-                keys, values = keys.repeat(copies, 1, 1, 1, 1), values.repeat(copies, 1, 1, 1, 1)
+                self.layer_index, q_end, k_BLGD.index_select(2, gidx).detach(),
+                v_BLGD.index_select(2, gidx).detach(), R, self.segment.retrieval_group_reduce)
             ret = Retrieved(keys=keys, values=values, count=count, pool_k=None, pool_v=None)
             if first is not None:
-                state.ret_k, state.ret_v = (t.repeat(copies, 1, 1, 1) if copies > 1 else t for t in first)
-        pre_k, pre_v, pre_len = self._prefixes(k_BLGD, v_BLGD, state, n_seg, ret,
-                                               copies=copies if chunk.truncated else None)
+                state.ret_k, state.ret_v = first
+        pre_k, pre_v, pre_len = self._prefixes(k_BLGD, v_BLGD, state, n_seg, ret, cut=cut)
         out = self._attend_run(q_BLHD, k_BLGD, v_BLGD, pre_k, pre_v, pre_len, 0, n_seg)
         if my_tail is not None:
             out = chunk.link_tail(self.layer_index, my_tail, out)
@@ -212,11 +209,11 @@ class SegmentedAttention(torch.nn.Module):
                               count, torch.div(valid_len, S, rounding_mode="floor"), found[4], S)
         return Retrieved(keys=keys, values=values, count=count, pool_k=pool_k, pool_v=pool_v)
 
-    def _mode_prefix(self, mode, k_all, v_all, state, n_seg, ret, copies=None):
+    def _mode_prefix(self, mode, k_all, v_all, state, n_seg, ret, cut=None):
         """One mode's prefix: (first segment's KV or None, later segments' KV [B, N-1, P', g, D]
         or None, valid lengths [N]). The first segment of the run uses the state's prefix.
-        With ``copies`` (TBPTT copies stacked on the batch) a segment's tail comes from the
-        next copy's previous segment, and the last copy's tails are detached."""
+        ``cut(body_k, body_v)`` replaces the tails carried inside the run (context-parallel
+        TBPTT: leaves, so gradient crosses a boundary only when pushed)."""
         S, M = self.segment.segment_length, self.segment.tail_length
         B, _, _, D = k_all.shape
         dev = k_all.device
@@ -229,8 +226,8 @@ class SegmentedAttention(torch.nn.Module):
                 gidx = self._local_groups
                 body = k_all[:, : (n_seg - 1) * S].reshape(B, n_seg - 1, S, -1, D)[:, :, S - M :].index_select(3, gidx)
                 body_v = v_all[:, : (n_seg - 1) * S].reshape(B, n_seg - 1, S, -1, D)[:, :, S - M :].index_select(3, gidx)
-                if copies is not None:
-                    body, body_v = shift_copies(body, copies), shift_copies(body_v, copies)
+                if cut is not None:
+                    body, body_v = cut(body, body_v)
                 rest_len = torch.full((n_seg - 1,), M, dtype=torch.long, device=dev)
         else:
             first_k, first_v = state.ret_k, state.ret_v
@@ -240,14 +237,14 @@ class SegmentedAttention(torch.nn.Module):
         lens = torch.cat([torch.tensor([first_len], device=dev), rest_len])
         return first_k, first_v, body, body_v, lens
 
-    def _prefixes(self, k_all, v_all, state, n_seg, ret, copies=None):
+    def _prefixes(self, k_all, v_all, state, n_seg, ret, cut=None):
         """Prefix KV [B, N, P, G, D] of every segment of the run and group of the layer (None
         when no segment has one), and the valid lengths [N, G]. Local groups hold the
         carried tail, retrieval groups the retrieved tokens, segment groups nothing."""
         B, _, G, D = k_all.shape
         dev = k_all.device
         used = [m for m, on in ((LOCAL, self._uses_tail), (RETRIEVAL, self._uses_retrieval)) if on]
-        parts = {m: self._mode_prefix(m, k_all, v_all, state, n_seg, ret, copies) for m in used}
+        parts = {m: self._mode_prefix(m, k_all, v_all, state, n_seg, ret, cut if m == LOCAL else None) for m in used}
         width = 0
         for first_k, _, body, _, _ in parts.values():
             width = max(width, 0 if first_k is None else first_k.shape[1], 0 if body is None else body.shape[2])
@@ -560,16 +557,6 @@ class Retrieved:
     count: torch.Tensor
     pool_k: torch.Tensor
     pool_v: torch.Tensor
-
-
-def shift_copies(x: torch.Tensor, copies: int) -> torch.Tensor:
-    """Rows of copy c + 1 in place of copy c's, the last copy's own rows detached.
-
-    x holds ``copies`` blocks of equal rows along dim 0 (copy 0 first). Copy c's segment
-    then reads its carried tail from copy c + 1, so a loss on copy 0 reaches back through
-    exactly copies - 1 segment boundaries (TBPTT-K with K = copies - 1)."""
-    blocks = x.unflatten(0, (copies, -1))
-    return torch.cat([blocks[1:], blocks[-1:].detach()], 0).flatten(0, 1)
 
 
 def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ every sequence; KV tails travel point-to-point and retrieval is a distributed ex
     layout = ChunkLayout(seq_length=T, segment_length=S, size=P)
     chunk = SequenceChunk.for_this_rank(layout, tbptt_k=K)      # after initialize_model_parallel(cp=P)
     logits_BLV = context_parallel_forward(model, ids_BT[:, slice(*chunk.token_range)], chunk)
-    loss(logits_BLV, labels of the chunk).backward(); chunk.finish()
+    chunk.backward(loss(logits_BLV, labels of the chunk))   # the exact TBPTT-K gradient
 
 At layer l a segment needs only layer-l quantities: its own q/k/v, the previous segment's
 last M keys/values (local heads) and earlier tokens' keys/values chosen by the previous
@@ -19,10 +19,13 @@ call, layer by layer in step with the others, and per layer exchanges only
 * the retrieved prefix of its last boundary, to the next rank (the prefix of that rank's
   first segment).
 
-The pool is never sent. Exact TBPTT-K (K >= 0) runs K + 1 copies of the chunk stacked on
-the batch: copy c attends the tails of copy c + 1, copy K detached ones, the loss is on
-copy 0 (`SegmentedAttention._forward_chunk`). K = -1 is the untruncated gradient: one copy,
-tails never detached. Bytes sent are counted per kind in ``chunk.sent`` and follow
+The pool is never sent. Exact TBPTT-K (K >= 0): every tail a segment reads is a leaf (the
+previous rank's last tail too), so the loss's backward stops at every boundary; then K
+pushes each send the cotangents the leaves collected back into the tails they copy (the
+previous segment's, or across ranks the previous rank's), so pass d adds exactly the paths
+that cross d boundaries — the sequential engine's gradient, from one forward of the chunk.
+K = -1 is the untruncated gradient: tails stay attached and their cotangents cross ranks
+inside the backward. Bytes sent are counted per kind in ``chunk.sent`` and follow
 `bytes_per_layer` exactly.
 
 Shape legend: B batch, L chunk tokens, C segment boundaries (closed segments) of a chunk,
@@ -90,9 +93,8 @@ def bytes_per_layer(layout: ChunkLayout, *, batch: int, tbptt_k: int, head_dim: 
                     element_size: int) -> dict[str, int]:
     """Bytes all ranks together send for one layer in one forward + backward, by kind.
 
-    tail        (P - 1) tails of B x M x G_local x 2D values, copy 0 only (copies are equal)
-    tail_grad   their cotangents: K copies each for K >= 1 (copy K is detached), 1 when
-                untruncated (K = -1), none for K = 0
+    tail        (P - 1) tails of B x M x G_local x 2D values
+    tail_grad   their cotangents: once per push (K) for K >= 0, once when untruncated (K = -1)
     query       each rank's C_r segment-end queries (B x G_ret x h x D) to each earlier rank
     candidates  for every (earlier rank e, query of a later rank): min(R, L_e) candidates per
                 group, each a float32 score, an int64 position and 2D values
@@ -105,8 +107,7 @@ def bytes_per_layer(layout: ChunkLayout, *, batch: int, tbptt_k: int, head_dim: 
     if local_groups and M:
         tail = B * M * local_groups * 2 * D * e
         out["tail"] = (P - 1) * tail
-        grad_copies = tbptt_k if tbptt_k >= 0 else 1
-        out["tail_grad"] = (P - 1) * tail * grad_copies
+        out["tail_grad"] = (P - 1) * tail * (tbptt_k if tbptt_k >= 0 else 1)
     if retrieval_groups and R:
         for r in range(P):
             C = layout.boundaries(r)
@@ -143,9 +144,14 @@ class SequenceChunk:
         self.token_range = (self.start, self.stop)
         self.tbptt_k = tbptt_k
         self.truncated = tbptt_k >= 0
-        self.copies = tbptt_k + 1 if self.truncated else 1
         self.sent: Counter = Counter()
         self._pending: list = []
+        # TBPTT-K pushes (truncated, K > 0, with gradient): per layer, the leaves the chunk's
+        # segments read as tails and what they copy.
+        self._inner: list = []  # (tails inside the chunk, their leaves), k and v
+        self._first: dict[int, torch.Tensor] = {}  # layer -> leaf of the previous rank's tail
+        self._last: dict[int, torch.Tensor] = {}  # layer -> this chunk's last tail (sent on)
+        self._placeholders: list = []  # empty slices: a TP rank whose peers push this layer
 
     @classmethod
     def for_this_rank(cls, layout: ChunkLayout, tbptt_k: int) -> "SequenceChunk":
@@ -189,37 +195,93 @@ class SequenceChunk:
         self._pending = []
 
     # ---- local heads: tails --------------------------------------------------------------
+    def _pushes(self) -> bool:
+        """Whether this call keeps leaves for TBPTT-K pushes (K > 0, gradient enabled)."""
+        return self.truncated and self.tbptt_k > 0 and torch.is_grad_enabled()
+
     def exchange_tail(self, layer: int, my_tail: torch.Tensor | None, anchor: torch.Tensor, shape: tuple):
-        """Send this chunk's last tail (keys and values concatenated, [Bc, M, G, 2D]) to the
-        next rank; return the previous rank's, in copy order ([Bc, M, G, 2D], copy c holding
-        the tail the previous rank's copy c + 1 computed), or None on the first rank.
-        ``shape`` is (M, G, 2D) of one tail; ``anchor`` is a tensor of this layer's graph
-        (the cotangent of the received tail is sent back when the backward reaches it)."""
-        B = anchor.shape[0] // self.copies
+        """Send this chunk's last tail (keys and values concatenated, [B, M, G, 2D]) to the next
+        rank; return the previous rank's ([B, M, G, 2D]), or None on the first rank.
+        ``shape`` is (M, G, 2D); ``anchor`` is a tensor of this layer's graph. Untruncated, the
+        received tail's cotangent goes back inside the backward; for TBPTT-K it is a leaf
+        whose gradient `backward` sends back between pushes."""
         if my_tail is not None and not self.is_last:
-            self._send(my_tail[:B], self.rank + 1, layer, "tail")
+            self._send(my_tail, self.rank + 1, layer, "tail")
         if self.is_first:
             return None
-        work, values = self._recv((B, *shape), anchor.dtype, anchor.device, self.rank - 1, layer, "tail")
+        work, values = self._recv((anchor.shape[0], *shape), anchor.dtype, anchor.device, self.rank - 1, layer, "tail")
         work.wait()
-        if self._tail_has_gradient(anchor):
+        if not self.truncated and torch.is_grad_enabled() and anchor.requires_grad:
             return _TailFromPrevious.apply(self, layer, values, anchor)
-        return values.repeat(self.copies, 1, 1, 1) if self.copies > 1 else values
+        if self._pushes():
+            self._first[layer] = values.requires_grad_(True)
+        return values
 
     def link_tail(self, layer: int, my_tail: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out`` unchanged; in the backward, when the cotangent of ``out`` arrives, receive
-        the cotangent of the tail sent to the next rank and add it to ``my_tail``'s."""
-        if self.is_last or not self._tail_has_gradient(out):
+        """``out``, unchanged; the tail sent to the next rank gets that rank's cotangent: inside
+        the backward (untruncated), or in the pushes of `backward` (TBPTT-K)."""
+        if self.is_last or not (torch.is_grad_enabled() and out.requires_grad):
             return out
-        return _TailToNext.apply(self, layer, my_tail, out)
+        if not self.truncated:
+            return _TailToNext.apply(self, layer, my_tail, out)
+        if self._pushes():
+            self._last[layer] = my_tail
+        return out
 
-    def _tail_has_gradient(self, like: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and like.requires_grad and self.copies - (1 if self.truncated else 0) > 0
+    def cut_tails(self, layer: int, body_k: torch.Tensor, body_v: torch.Tensor):
+        """The tails the chunk's segments read from their previous segments: attached when
+        untruncated, detached for K = 0, leaves (pushed by `backward`) for K > 0."""
+        if not self.truncated:
+            return body_k, body_v
+        if not self._pushes():
+            return body_k.detach(), body_v.detach()
+        leaf_k, leaf_v = body_k.detach().requires_grad_(True), body_v.detach().requires_grad_(True)
+        self._inner.append((body_k, leaf_k))
+        self._inner.append((body_v, leaf_v))
+        return leaf_k, leaf_v
 
-    def _grad_copies(self) -> int:
-        """Copies whose received tail carries gradient: copies 0 .. K-1 (K >= 1), or the one
-        copy of the untruncated mode."""
-        return self.copies - 1 if self.truncated else 1
+    def placeholder(self, layer: int, chunk_tokens: int, empty: torch.Tensor) -> None:
+        """A tensor-parallel rank without `local` groups in a layer where its peers have some
+        pushes ``empty`` (a zero-size slice of its keys) whenever they push a tail of that
+        layer, so every TP rank runs the same collectives in each push."""
+        n_seg = -(-chunk_tokens // self.layout.segment_length)
+        if self._pushes() and (n_seg > 1 or not self.is_last) and empty.requires_grad:
+            self._placeholders.append(empty)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` with this chunk's gradient rule, then wait for every message.
+
+        TBPTT-K: the loss's backward stops at every carried tail; push d (d = 1..K) sends each
+        leaf's cotangent into the tail it copies — the previous segment's, or the previous
+        rank's (point-to-point) — and so adds the paths crossing exactly d boundaries."""
+        try:
+            pushes = self.tbptt_k if self._pushes() else 0
+            loss.backward(retain_graph=pushes > 0)
+            for d in range(1, pushes + 1):
+                outputs, grads = [], []
+                for layer, leaf in sorted(self._first.items()):
+                    self._send(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf), self.rank - 1, layer,
+                               "tail_grad")
+                    leaf.grad = None
+                for layer, tail in sorted(self._last.items()):
+                    work, got = self._recv(tail.shape, tail.dtype, tail.device, self.rank + 1, layer, "tail_grad")
+                    work.wait()
+                    outputs.append(tail)
+                    grads.append(got)
+                # Every registered tail is pushed, with zeros where no path reached its leaf:
+                # each tensor-parallel rank then runs the same collectives in every push.
+                for tail, leaf in self._inner:
+                    outputs.append(tail)
+                    grads.append(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                    leaf.grad = None
+                for empty in self._placeholders:
+                    outputs.append(empty)
+                    grads.append(torch.zeros_like(empty))
+                if outputs:
+                    torch.autograd.backward(outputs, grads, retain_graph=d < pushes)
+        finally:
+            self._inner, self._first, self._last, self._placeholders = [], {}, {}, []
+            self.finish()
 
     # ---- retrieval heads: distributed exact top-R ------------------------------------------
     @torch.no_grad()
@@ -306,23 +368,22 @@ def _gather_tokens(x_BLGD: torch.Tensor, idx_BGCR: torch.Tensor) -> torch.Tensor
 
 
 class _TailFromPrevious(torch.autograd.Function):
-    """The previous rank's tail, repeated over the copies; its cotangent goes back to that rank."""
+    """The previous rank's tail (untruncated gradient); its cotangent goes back to that rank."""
 
     @staticmethod
     def forward(ctx, chunk: SequenceChunk, layer: int, values: torch.Tensor, anchor: torch.Tensor):
-        ctx.chunk, ctx.layer, ctx.B = chunk, layer, values.shape[0]
-        return values.repeat(chunk.copies, 1, 1, 1) if chunk.copies > 1 else values.clone()
+        ctx.chunk, ctx.layer = chunk, layer
+        return values.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        chunk = ctx.chunk
-        chunk._send(grad[: ctx.B * chunk._grad_copies()], chunk.rank - 1, ctx.layer, "tail_grad")
+        ctx.chunk._send(grad, ctx.chunk.rank - 1, ctx.layer, "tail_grad")
         return None, None, None, None
 
 
 class _TailToNext(torch.autograd.Function):
-    """Identity on the attention output; its backward adds the cotangent of the tail this rank
-    sent (received from the next rank) to the tail's gradient."""
+    """Identity on the attention output (untruncated gradient); its backward adds the
+    cotangent of the tail this rank sent, received from the next rank, to the tail's."""
 
     @staticmethod
     def forward(ctx, chunk: SequenceChunk, layer: int, my_tail: torch.Tensor, out: torch.Tensor):
@@ -333,22 +394,14 @@ class _TailToNext(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         chunk = ctx.chunk
-        Bc = ctx.tail_shape[0]
-        B = Bc // chunk.copies
-        n = B * chunk._grad_copies()
-        work, got = chunk._recv((n, *ctx.tail_shape[1:]), ctx.tail_dtype, grad_out.device, chunk.rank + 1,
-                                ctx.layer, "tail_grad")
+        work, got = chunk._recv(ctx.tail_shape, ctx.tail_dtype, grad_out.device, chunk.rank + 1, ctx.layer, "tail_grad")
         work.wait()
-        if chunk.truncated:  # received copy c's cotangent belongs to this rank's copy c + 1
-            grad_tail = torch.cat([got.new_zeros((B, *ctx.tail_shape[1:])), got], 0)
-        else:
-            grad_tail = got
-        return None, None, grad_tail, grad_out
+        return None, None, got, grad_out
 
 
 def context_parallel_forward(model, ids_BL: torch.Tensor, chunk: SequenceChunk) -> torch.Tensor:
-    """Logits [B, L, V] of this rank's chunk ``ids_BL`` of the sequences (copy 0 when the
-    chunk has TBPTT copies; the output layer runs on copy 0 only)."""
+    """Logits [B, L, V] of this rank's chunk ``ids_BL`` of the sequences; backpropagate a loss
+    of them with ``chunk.backward(loss)``."""
     from megatron.core.utils import unwrap_model
 
     from megaseg.megatron.attention import SegmentStates
@@ -357,19 +410,9 @@ def context_parallel_forward(model, ids_BL: torch.Tensor, chunk: SequenceChunk) 
     if ids_BL.shape[1] != chunk.stop - chunk.start:
         raise ValueError(f"chunk {chunk.token_range} of the sequence needs {chunk.stop - chunk.start} tokens, "
                          f"got {ids_BL.shape[1]}")
-    B = ids_BL.shape[0]
-    ids = ids_BL.repeat(chunk.copies, 1) if chunk.copies > 1 else ids_BL
-    handle = None
-    if chunk.copies > 1 and getattr(gpt, "output_layer", None) is not None:
-        # hidden states are [L, Bc, hidden]: only copy 0 reaches the loss.
-        handle = gpt.output_layer.register_forward_pre_hook(lambda mod, args: (args[0][:, :B], *args[1:]))
-    try:
-        logits = model(ids, position_ids=None, attention_mask=None, packed_seq_params=SegmentStates(chunk=chunk),
-                       runtime_gather_output=True)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits[:B, :, : gpt.megaseg_config.vocab_size]
+    logits = model(ids_BL, position_ids=None, attention_mask=None, packed_seq_params=SegmentStates(chunk=chunk),
+                   runtime_gather_output=True)
+    return logits[..., : gpt.megaseg_config.vocab_size]
 
 
 def _segment_sums(logits_BLV, labels_BL, chunk: SequenceChunk):
@@ -409,10 +452,7 @@ def chunk_backward(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, l
     labels = labels_BT[:, a:b]
     denom = max(num_predicted if num_predicted is not None else int((labels != -100).sum()), 1)
     total, sums, counts = _segment_sums(context_parallel_forward(model, input_ids_BT[:, a:b], chunk), labels, chunk)
-    try:
-        total.mul(loss_scale / denom).backward()
-    finally:
-        chunk.finish()
+    chunk.backward(total.mul(loss_scale / denom))
     return StepResult(loss=float(total.detach()) / denom, segment_losses=[s / max(c, 1) for s, c in zip(sums, counts)],
                       segment_tokens=counts, tokens=int(labels.numel()))
 

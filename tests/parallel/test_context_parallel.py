@@ -127,8 +127,7 @@ def _run_layout(tp, cp, cfg, ref_sd, tokens, sent):
         chunk = SequenceChunk.for_this_rank(layout, k)
         a, b = chunk.token_range
         loss = _sum_ce(context_parallel_forward(meg, ids[:, a:b], chunk), labels[:, a:b]) / n_pred
-        loss.backward()
-        chunk.finish()
+        chunk.backward(loss)
         total = torch.tensor([loss.item()], dtype=torch.float64)
         dist.all_reduce(total, group=dp_cp)
         grads = {}
