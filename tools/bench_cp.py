@@ -28,7 +28,8 @@ Three measurements, all in one run:
    ``--repeats`` rounds is reported (a CP = 2 step is the slower rank's), in wall time and
    in CPU time of the process (``time.process_time``; the slower rank's for CP = 2): on a
    machine shared with other work, wall time also counts the time a rank waits for a core
-   while its peer waits for its message, CPU time shows the work alone. The losses of all
+   while its peer waits for its message, CPU time shows the work alone. The time each CP = 2
+   rank blocks in ``wait`` on its messages is recorded too. The losses of all
    rows of a K agree (checked).
 3. **Peak memory per rank vs CP size** (1, 2, 4): one fresh spawn per size, the same model
    and sequence as 2. After a warm-up step of a mode (gradient buffers allocated), each
@@ -229,11 +230,28 @@ def _timed(fn):
     return time.perf_counter() - t0, time.process_time() - c0, loss
 
 
+class _TimedWork:
+    """A point-to-point request whose ``wait`` adds the time it blocks to ``blocked[0]``."""
+
+    def __init__(self, work, blocked):
+        self.work, self.blocked = work, blocked
+
+    def wait(self, *args, **kw):
+        t0 = time.perf_counter()
+        out = self.work.wait(*args, **kw)
+        self.blocked[0] += time.perf_counter() - t0
+        return out
+
+
 def _step_rank(rank, world, port, cfg, T, ks, repeats, out_dir):
     """Rows of one round: CP = 1 rows on rank 0 (rank 1 waits), then the CP = 2 rows on both."""
     from megaseg.parallel.context import SequenceChunk
 
     _init(rank, world, port, world)
+    blocked = [0.0]  # seconds this rank's chunk waited for its messages
+    real_isend, real_irecv = dist.isend, dist.irecv
+    dist.isend = lambda *a, **kw: _TimedWork(real_isend(*a, **kw), blocked)
+    dist.irecv = lambda *a, **kw: _TimedWork(real_irecv(*a, **kw), blocked)
     try:
         meg = _build(cfg)
         S = cfg.segment.segment_length
@@ -253,6 +271,7 @@ def _step_rank(rank, world, port, cfg, T, ks, repeats, out_dir):
                          lambda k=k: _chunk_step(meg, tokens, labels, n_pred, SequenceChunk.for_this_rank(two, k))))
         times = {name: [] for name, *_ in rows}
         cpu = {name: [] for name, *_ in rows}
+        waits = {name: [] for name, _, size, _ in rows if size > 1}
         losses = {}
         for round_ in range(repeats + 1):  # round 0 warms up
             order = rows if round_ % 2 == 0 else rows[::-1]
@@ -263,21 +282,25 @@ def _step_rank(rank, world, port, cfg, T, ks, repeats, out_dir):
                     seconds, cpu_s, loss = _timed(fn) if rank == 0 else (0.0, 0.0, 0.0)
                     dist.barrier()  # rank 1 waits here
                 else:
+                    blocked[0] = 0.0
                     seconds, cpu_s, loss = _timed(fn)
-                    mine = torch.tensor([seconds, cpu_s, loss], dtype=torch.float64)
+                    mine = torch.tensor([seconds, cpu_s, loss, blocked[0]], dtype=torch.float64)
                     gathered = [torch.zeros_like(mine) for _ in range(world)]
                     dist.all_gather(gathered, mine)
                     seconds = max(g[0].item() for g in gathered)
                     cpu_s = max(g[1].item() for g in gathered)
                     loss = sum(g[2].item() for g in gathered)
+                    if round_:
+                        waits[name].append([g[3].item() for g in gathered])
                 if round_:
                     times[name].append(seconds)
                     cpu[name].append(cpu_s)
                 losses[name] = loss
         if rank == 0:
-            torch.save({"rows": [(n, k, s) for n, k, s, _ in rows], "times": times, "cpu": cpu, "losses": losses},
-                       os.path.join(out_dir, "step.pt"))
+            torch.save({"rows": [(n, k, s) for n, k, s, _ in rows], "times": times, "cpu": cpu, "losses": losses,
+                        "blocked": waits}, os.path.join(out_dir, "step.pt"))
     finally:
+        dist.isend, dist.irecv = real_isend, real_irecv
         _done()
 
 
@@ -396,6 +419,10 @@ def measure_steps(args) -> dict:
     med_cpu = {name: statistics.median(ts) for name, ts in got["cpu"].items()}
     out = {"model": _model_dict(cfg), "seq_length": T, "repeats": repeats, "times": got["times"],
            "cpu_seconds": got["cpu"], "median_seconds": med, "median_cpu_seconds": med_cpu,
+           "blocked_seconds_per_rank": got["blocked"],
+           "median_blocked_seconds_per_rank": {name: [statistics.median(r[i] for r in rounds)
+                                                      for i in range(len(rounds[0]))]
+                                               for name, rounds in got["blocked"].items()},
            "losses": got["losses"], "ratios": {},
            "load_average_1min": [load, os.getloadavg()[0]]}
     for k in KS:
@@ -481,6 +508,9 @@ def print_tables(result: dict) -> None:
                 if name.endswith(f"_k{k}"):
                     c = st["median_cpu_seconds"][name]
                     print(f"| {name} | {s:.2f} | {s / base:.2f} | {c:.2f} | {c / base_cpu:.2f} |")
+        for name, per_rank in st["median_blocked_seconds_per_rank"].items():
+            print(f"   {name}: seconds each rank waited for messages (median): "
+                  + ", ".join(f"{w:.2f}" for w in per_rank))
     mem = result.get("memory")
     if mem:
         sizes = sorted({P for modes in mem["max_rank_step_peak_mib"].values() for P in modes}, key=int)
