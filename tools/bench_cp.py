@@ -38,7 +38,7 @@ Three measurements, all in one run:
    threshold is fixed (``MALLOC_MMAP_THRESHOLD_=65536``) so freed large blocks go back to
    the system between modes.
 
-    python tools/bench_cp.py --out docs/benchmarks/cp.json
+    python tools/bench_cp.py --out docs/benchmarks/cp.json --plot docs/benchmarks/cp.png
     python tools/bench_cp.py --quick --out /tmp/cp.json     # seconds: tiny sizes, checks only
 """
 from __future__ import annotations
@@ -521,6 +521,60 @@ def print_tables(result: dict) -> None:
             print(f"| {mode} | " + " | ".join(f"{by[P]:.0f}" if P in by else "-" for P in sizes) + " |")
 
 
+def plot(result: dict, path: str) -> bool:
+    """Bytes per layer against ring attention, CP2 / CP1 step-time ratios and memory per rank
+    against CP size, in one figure (False when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    pb = result["paper_bytes"]
+    k1 = pb["by_k"]["1"]
+    names = [f"{t['local_groups']}L+{t['retrieval_groups']}R" for t in k1["layer_types"]] + ["mean", "ring fwd",
+                                                                                               "ring step ~3x"]
+    values = [t["bytes"] for t in k1["layer_types"]] + [k1["mean_bytes_per_layer"],
+                                                        pb["ring_forward_bytes_per_layer"],
+                                                        pb["ring_step_bytes_per_layer_approx"]]
+    ax = axes[0]
+    ax.bar(names, [v / 2**20 for v in values], color=["C0"] * (len(values) - 2) + ["C3", "C3"])
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("MiB per layer per step (all ranks)")
+    ax.set_title("bytes, paper setting (32K, S=4096, M=R=512, CP=4, bf16)", fontsize=9)
+    runs = result.get("step_time_runs", {}).get("runs") or ([result["step_time"]] if "step_time" in result else [])
+    if runs:
+        ax = axes[1]
+        labels = [r.get("run", str(i)) for i, r in enumerate(runs)]
+        x = range(len(runs))
+        for j, (k, key, style) in enumerate([("1", "cp2_over_cp1", "C0"), ("1", "cp2_over_cp1_cpu_seconds", "C9"),
+                                             ("-1", "cp2_over_cp1", "C1"), ("-1", "cp2_over_cp1_cpu_seconds", "C8")]):
+            ax.bar([i + 0.2 * j - 0.3 for i in x], [r["ratios"][k].get(key, float("nan")) for r in runs], 0.2,
+                   color=style, label=f"K={k} {'CPU' if 'cpu' in key else 'wall'}")
+        ax.axhline(0.65, color="k", ls="--", lw=1, label="target 0.65")
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("CP=2 step / CP=1 step")
+        ax.set_title(f"step time, {runs[0]['seq_length']} tokens, per run", fontsize=9)
+        ax.legend(fontsize=7)
+    if "memory" in result:
+        ax = axes[2]
+        for mode, by in result["memory"]["max_rank_step_peak_mib"].items():
+            sizes = sorted(by, key=int)
+            ax.plot([int(P) for P in sizes], [by[P] for P in sizes], "o-", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("CP size")
+        ax.set_ylabel("step peak RSS per rank, MiB")
+        ax.set_title("memory per rank", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the machinery, not numbers")
@@ -539,7 +593,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-cp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, help="also draw the results to this PNG (needs matplotlib)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from a results file")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            return 0 if plot(json.load(fh), args.plot or "cp.png") else 1
     t0 = time.perf_counter()
     result = {"env": {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                       "threads_per_process": 1, "backend": "gloo (CPU)", "quick": args.quick,
@@ -558,6 +617,8 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
+    if args.plot and not plot(result, args.plot):
+        print("matplotlib is not installed: no plot")
     return 0
 
 
