@@ -39,7 +39,7 @@ Three measurements, all in one run:
    the system between modes.
 
     python tools/bench_cp.py --out docs/benchmarks/cp.json --plot docs/benchmarks/cp.png
-    python tools/bench_cp.py --quick --out /tmp/cp.json     # seconds: tiny sizes, checks only
+    python tools/bench_cp.py --quick --out cp_quick.json    # tiny sizes: checks the machinery, not numbers
 """
 from __future__ import annotations
 
