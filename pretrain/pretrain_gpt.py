@@ -162,7 +162,8 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.megatron import parallel
     from megaseg.checkpoint.training import locate_checkpoint
     from megaseg.ops import kernels
-    from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain, resolve_bf16
+    from megaseg.training.precision import resolve_bf16
+    from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain
 
     parallel.initialize_model_parallel(
         tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size, seed=cfg.seed

@@ -36,38 +36,9 @@ from megaseg.training.arguments import PretrainConfig
 from megaseg.checkpoint.training import locate_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megaseg.training.monitor import StepTimer, TrainingMonitor
 from megaseg.ops import stats
+from megaseg.training.batches import all_reduce_sum, compute_device, data_parallel_size, rank_microbatches
+from megaseg.training.precision import autocast_context, resolve_bf16
 from megaseg.training.tbptt import tbptt_backward
-
-
-# ---- precision ----------------------------------------------------------------------------------
-def bf16_supported() -> bool:
-    """bf16 autocast with native hardware support: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    return False
-
-
-def resolve_bf16(requested: bool | None) -> bool:
-    """None (auto) -> bf16 on CUDA when supported; on CPU fp32 (faster at small sizes).
-
-    Explicit True on hardware without bf16 support is a ConfigError.
-    """
-    if requested is None:
-        return torch.cuda.is_available() and bf16_supported()
-    if requested and not bf16_supported():
-        raise ConfigError("bf16=True is invalid: this machine has no native bf16 support; use --no-bf16")
-    return bool(requested)
-
-
-def autocast_context(bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -80,18 +51,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def data_parallel_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size()
-
-
-def data_parallel_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_rank()
 
 
 def check_batch_sizes(cfg: PretrainConfig) -> int:
@@ -247,51 +206,6 @@ def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-# ---- data ----------------------------------------------------------------------------------------
-def get_batch(dataset, first_sample: int, count: int, seq_length: int):
-    """tokens [count, T] and labels [count, T] (-100 where the loss is masked) of samples
-    first_sample .. first_sample + count - 1 (wrapping around the dataset)."""
-    tokens, labels = [], []
-    n = len(dataset)
-    for i in range(first_sample, first_sample + count):
-        sample = dataset[i % n]
-        t, lab = sample["tokens"], sample["labels"]
-        if "loss_mask" in sample:
-            lab = lab.masked_fill(sample["loss_mask"] == 0, -100)
-        tokens.append(torch.as_tensor(t, dtype=torch.long))
-        labels.append(torch.as_tensor(lab, dtype=torch.long))
-    tokens_BT, labels_BT = torch.stack(tokens).to(compute_device()), torch.stack(labels).to(compute_device())
-    if tokens_BT.shape[1] != seq_length:
-        raise ConfigError(
-            f"seq_length={seq_length} is invalid: the dataset yields sequences of {tokens_BT.shape[1]} tokens"
-        )
-    return tokens_BT, labels_BT
-
-
-def rank_microbatches(dataset, consumed: int, cfg: PretrainConfig):
-    """This DP rank's micro-batches of the global batch that starts at sample ``consumed``."""
-    per_rank = cfg.global_batch_size // data_parallel_size()
-    start = consumed + data_parallel_rank() * per_rank
-    return [
-        get_batch(dataset, start + m, cfg.micro_batch_size, cfg.seq_length)
-        for m in range(0, per_rank, cfg.micro_batch_size)
-    ]
-
-
-def compute_device() -> torch.device:
-    """Where batches and collective buffers live: this rank's GPU, else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
-    if dist.is_initialized() and data_parallel_size() > 1:
-        from megatron.core import parallel_state
-
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    return t.tolist()
-
-
 # ---- one step --------------------------------------------------------------------------------------
 def compute_model(model):
     """What a forward runs: the megatron DDP wrapper, or the GPTModel under DeepSpeed."""
@@ -330,7 +244,7 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
 
     dp = data_parallel_size()
     local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches)
-    num_predicted = int(_all_reduce_sum([local_predicted])[0])
+    num_predicted = int(all_reduce_sum([local_predicted])[0])
     S = cfg.segment_length
     n_seg = -(-cfg.seq_length // S)
     nll = 0.0
@@ -350,7 +264,7 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
             seg_sum[i] += mean * count
             seg_count[i] += count
         tokens += result.tokens
-    reduced = _all_reduce_sum([nll, float(tokens), *seg_sum, *map(float, seg_count)])
+    reduced = all_reduce_sum([nll, float(tokens), *seg_sum, *map(float, seg_count)])
     nll, tokens = reduced[0], int(reduced[1])
     seg_sum, seg_count = reduced[2 : 2 + n_seg], reduced[2 + n_seg :]
     return nll, seg_sum, seg_count, tokens, num_predicted
@@ -441,7 +355,7 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
                     seg_count[i] += float((labels_BL != -100).sum())
     finally:
         model.train()
-    reduced = _all_reduce_sum(seg_sum + seg_count)
+    reduced = all_reduce_sum(seg_sum + seg_count)
     seg_sum, seg_count = reduced[:n_seg], reduced[n_seg:]
     loss = sum(seg_sum) / max(sum(seg_count), 1.0)
     return loss, [s / max(c, 1.0) for s, c in zip(seg_sum, seg_count)]

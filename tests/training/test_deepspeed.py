@@ -36,7 +36,8 @@ def _train(cfg):
     """(losses, weights, optimizer-state bytes, per parameter: how many times each step reduced it)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from megaseg.training.trainer import optimizer_state_bytes, rank_microbatches, setup_model_and_optimizer, train_step
+    from megaseg.training.batches import rank_microbatches
+    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
 
     reductions = []
     original = DeepSpeedZeroOptimizer.reduce_ready_partitions_and_remove_grads
@@ -72,7 +73,8 @@ def _cpu_adam_built() -> bool:
 
 
 def _replicated(cfg):
-    from megaseg.training.trainer import optimizer_state_bytes, rank_microbatches, setup_model_and_optimizer, train_step
+    from megaseg.training.batches import rank_microbatches
+    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
 
     model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
     losses = [train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, it * cfg.global_batch_size, cfg), cfg,
