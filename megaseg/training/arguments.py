@@ -104,7 +104,9 @@ class PretrainConfig:
 
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
-    pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    pipeline_model_parallel_size: int = _f(
+        1, "pipeline stages (must divide num_layers); TBPTT-K then runs one segment's loss per pipeline "
+        "micro-batch (docs/parallelism.md)", "parallel")
     use_distributed_optimizer: bool = _f(
         False, "shard fp32 main params and Adam state over data-parallel ranks (megatron-core DistributedOptimizer, "
         "ZeRO-1: grads are reduce-scattered, params all-gathered after the step)", "parallel")
@@ -204,9 +206,9 @@ class PretrainConfig:
             _fail("log_segment_stats_interval", self.log_segment_stats_interval, "must be >= 0 (0 = never)")
         if self.max_consecutive_skipped_steps < 0:
             _fail("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, "must be >= 0")
-        if self.pipeline_model_parallel_size != 1:
+        if self.num_layers % self.pipeline_model_parallel_size:
             _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
-                  "must be 1: the TBPTT engine runs the whole model on one stage")
+                  f"must divide num_layers ({self.num_layers}): every stage holds the same number of layers")
         if self.head_plan_preset == "prior" and not self.long_range_heads and not self.head_plan_file:
             _fail("long_range_heads", self.long_range_heads, "the `prior` preset needs an explicit list of KV groups")
         parts = self.split.split(",")
@@ -424,6 +426,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = _normalize_key(key)
+        if name in UNSUPPORTED:
+            raise ConfigError(f"{path}: {name}={value!r} is invalid: {UNSUPPORTED[name]}")
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -432,14 +436,34 @@ def load_yaml(path: str) -> dict[str, Any]:
     return out
 
 
+# Megatron flags megaseg does not offer, and why (one-line ConfigError instead of "unrecognized").
+UNSUPPORTED = {
+    "num_layers_per_virtual_pipeline_stage": "megaseg runs no virtual (interleaved) pipeline stages; use "
+    "--pipeline-model-parallel-size alone",
+    "virtual_pipeline_model_parallel_size": "megaseg runs no virtual (interleaved) pipeline stages; use "
+    "--pipeline-model-parallel-size alone",
+}
+
+
+def _refuse_unsupported(argv: Sequence[str]) -> None:
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        key = _normalize_key(name.lstrip("-")) if arg.startswith("--") else None
+        if key in UNSUPPORTED:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            raise ConfigError(f"{key}={value!r} is invalid: {UNSUPPORTED[key]}")
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> PretrainConfig:
     """Flags (and the YAML file they name) -> a validated `PretrainConfig`.
 
     Raises `ConfigError` (one line, names the field; prefixed with the YAML file for its
     keys) for bad values; argparse exits with status 2 for malformed flags.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_unsupported(argv)
     parser = build_parser(prog)
-    given = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    given = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     path = given.get("config")
     from_yaml = load_yaml(path) if path else {}

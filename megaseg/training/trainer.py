@@ -36,6 +36,7 @@ from megaseg.training.arguments import PretrainConfig
 from megaseg.checkpoint.training import locate_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megaseg.training.monitor import StepTimer, TrainingMonitor
 from megaseg.ops import stats
+from megaseg.training import pipeline
 from megaseg.training.batches import all_reduce_sum, compute_device, data_parallel_size, rank_microbatches
 from megaseg.training.precision import autocast_context, resolve_bf16
 from megaseg.training.tbptt import tbptt_backward
@@ -67,6 +68,7 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
 def check_optimizer_settings(cfg: PretrainConfig) -> None:
     """Optimizer flags that cannot go together (ConfigError, one line naming both values);
     with --deepspeed, that deepspeed imports and its config agrees with the flags."""
+    pipeline.check_pipeline_settings(cfg)
     if cfg.deepspeed:
         from megaseg.training import deepspeed_backend
 
@@ -97,11 +99,13 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
     # Same seed, same initial weights, however many times a process builds a model.
     seed_everything(cfg.seed)
     model_parallel_cuda_manual_seed(cfg.seed)
+    stage = pipeline.stage_build_kwargs()  # this rank's pipeline stage, if the model is split
     gpt = build_model(
         model_config,
         params_dtype=torch.float32,
         use_te=cfg.use_te,
-        config_overrides={"init_method_std": cfg.init_method_std},
+        config_overrides={"init_method_std": cfg.init_method_std, **stage.pop("config_overrides", {})},
+        **stage,
     )
     if initial_weights is not None:
         load_reference_weights(gpt, initial_weights, model_config)
@@ -174,6 +178,8 @@ def load_reference_weights(gpt, state_dict, model_config: ModelConfig) -> None:
     te_layout = any(k.endswith("linear_qkv.layer_norm_weight") for k in gpt.state_dict())
     shard = reference_to_megatron(state_dict, model_config, ps.get_tensor_model_parallel_rank(),
                                   ps.get_tensor_model_parallel_world_size(), te_layout=te_layout)
+    if pipeline.pipeline_size() > 1:
+        shard = pipeline.stage_state_dict(shard, gpt)
     with torch.no_grad():
         gpt.load_state_dict(shard, strict=True)
 
@@ -229,11 +235,14 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
 
     ``segment_forward(model, ids_BL, states) -> (logits_BLV, states)`` runs one segment
     (default: `megaseg.megatron.model.segment_forward`, the whole model on this rank); a
-    model split another way passes its own. Returns (sum of NLL, per-segment NLL sums,
+    model split another way passes its own. A model split into pipeline stages runs the
+    windows engine (`megaseg.training.pipeline.forward_backward`) instead. Returns (sum of NLL, per-segment NLL sums,
     per-segment token counts, tokens), each summed over all data-parallel ranks. With a
     ``segment_stats`` list, the first micro-batch runs under `megaseg.ops.stats.recording`
     and its recorder is appended to the list.
     """
+    if pipeline.pipeline_size() > 1:  # segment statistics are recorded without pipeline stages only
+        return pipeline.forward_backward(model, microbatches, cfg, bf16)
     if segment_forward is None:
         from megaseg.megatron.model import segment_forward
 
@@ -337,6 +346,8 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
     """
     from megaseg.megatron.model import segment_forward
 
+    if pipeline.pipeline_size() > 1:
+        return pipeline.evaluate(model, dataset, cfg, bf16)
     model.eval()
     S = cfg.segment_length
     n_seg = -(-cfg.seq_length // S)
@@ -478,6 +489,7 @@ def pretrain(
         f"{n_params / 1e6:.2f}M parameters (this rank), vocab {model_config.vocab_size}; "
         f"segments S={cfg.segment_length} M={cfg.tail_length} R={cfg.retrieval_length} K={cfg.tbptt_k}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}"
+        f"{f', pipeline stages {pipeline.pipeline_size()}' if pipeline.pipeline_size() > 1 else ''}"
         f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}"
         f"{' (DeepSpeed ZeRO)' if cfg.deepspeed else ''}, "
         f"{num_micro} micro-batch(es) of {cfg.micro_batch_size} per step")
