@@ -209,6 +209,10 @@ class PretrainConfig:
         if self.num_layers % self.pipeline_model_parallel_size:
             _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
                   f"must divide num_layers ({self.num_layers}): every stage holds the same number of layers")
+        if self.pipeline_model_parallel_size > 1 and self.deepspeed:
+            _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
+                  "must be 1 with deepspeed=True: DeepSpeed ZeRO runs the whole model on one stage; use "
+                  "megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
         if self.head_plan_preset == "prior" and not self.long_range_heads and not self.head_plan_file:
             _fail("long_range_heads", self.long_range_heads, "the `prior` preset needs an explicit list of KV groups")
         parts = self.split.split(",")

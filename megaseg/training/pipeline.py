@@ -36,7 +36,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megaseg.config import ConfigError
 from megaseg.training.batches import all_reduce_sum, compute_device, data_parallel_size, rank_microbatches
 from megaseg.training.precision import autocast_context
 from megaseg.training.tbptt import _sum_cross_entropy
@@ -64,18 +63,6 @@ def stage_build_kwargs() -> dict:
         config_overrides={"variable_seq_lengths": True, "batch_p2p_comm": False,
                           "moe_token_dispatcher_type": "alltoall"},
     )
-
-
-def check_pipeline_settings(cfg) -> None:
-    """Settings the pipeline engine cannot run (ConfigError, one line)."""
-    if pipeline_size() == 1:
-        return
-    if cfg.deepspeed:
-        raise ConfigError(
-            f"pipeline_model_parallel_size={cfg.pipeline_model_parallel_size} is invalid with deepspeed=True: "
-            "DeepSpeed ZeRO runs the whole model on one stage; use megatron's optimizer "
-            "(--use-distributed-optimizer for ZeRO-1)"
-        )
 
 
 def windows(num_segments: int, k: int) -> list[tuple[int, int]]:

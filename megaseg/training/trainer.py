@@ -68,7 +68,6 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
 def check_optimizer_settings(cfg: PretrainConfig) -> None:
     """Optimizer flags that cannot go together (ConfigError, one line naming both values);
     with --deepspeed, that deepspeed imports and its config agrees with the flags."""
-    pipeline.check_pipeline_settings(cfg)
     if cfg.deepspeed:
         from megaseg.training import deepspeed_backend
 
