@@ -9,6 +9,10 @@ One optimizer step (`train_step`):
     optimizer.step()              # clips the global grad norm, AdamW
     scheduler.step(global_batch)  # linear warmup, then cosine (or linear/constant) decay
 
+With pipeline stages (`--pipeline-model-parallel-size` > 1) the forward/backward runs on
+megatron's 1F1B schedule instead, one segment's loss per pipeline micro-batch
+(megaseg.training.pipeline); the rest of the step is the same.
+
 The loss is the mean NLL over every predicted token of the global batch, whatever the split
 into micro-batches and data-parallel ranks, so gradient accumulation changes nothing but
 memory. The data position is the number of consumed samples: global batch n is samples
