@@ -7,8 +7,10 @@ megaseg.training.pipeline on megatron's 1F1B schedule), each process on one CPU 
 (gloo). Also at pipeline size 1: the windows engine itself, which shows its cost of K
 extra segment forwards per segment apart from the pipeline.
 
-Recorded: the median step time of the steps after the first (the slowest rank's), the
-speedup PP1 / PP2, and the bubble fraction of each stage = the time the stage spends inside
+Every run starts from the same initial weights (the losses agree to float rounding).
+Recorded: the fastest step time of the steps after the first (a step lasts as long as its
+slowest rank; the fastest is the least disturbed by other load on a shared machine), the
+ratio PP2 / PP1, and the bubble fraction of each stage = the time the stage spends inside
 megatron's pipeline p2p calls (recv/send of activations and gradients, waiting for the
 other stage included) / its step time, next to the 1F1B ideal (p - 1) / (m + p - 1) for p
 stages and m pipeline micro-batches (m = data micro-batches x segments).
@@ -73,12 +75,13 @@ def _windows_step(model, optimizer, scheduler, batches, cfg):
     return nll
 
 
-def _rank(rank, port, out_dir, world, segments, segment_length, steps, modes):
+def _rank(rank, port, out_dir, world, segments, segment_length, steps, modes, weights_path):
     torch.set_num_threads(1)
     parallel.initialize_model_parallel(pp=world, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                        world_size=world, timeout_s=300)
     from megaseg.training.arguments import PretrainConfig
     from megaseg.training.batches import rank_microbatches
+    from megaseg.megatron.convert import megatron_to_reference
     from megaseg.training.trainer import setup_model_and_optimizer, train_step
     from tests.training.synthetic import PatternDataset
 
@@ -92,7 +95,11 @@ def _rank(rank, port, out_dir, world, segments, segment_length, steps, modes):
             cfg = PretrainConfig(**MODEL, seq_length=T, segment_length=segment_length, pipeline_model_parallel_size=world,
                                  train_iters=steps, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, save=None,
                                  save_interval=None, tensorboard_dir=None, eval_iters=0, bf16=False)
-            model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(MODEL["vocab_size"]))
+            mc = cfg.model_config(MODEL["vocab_size"])
+            if not os.path.exists(weights_path):  # the first (one-process) run fixes the initial weights
+                model, _, _ = setup_model_and_optimizer(cfg, mc)
+                torch.save(megatron_to_reference([model.module.state_dict()], mc), weights_path)
+            model, optimizer, scheduler = setup_model_and_optimizer(cfg, mc, torch.load(weights_path))
             times, waits, losses = [], [], []
             for it in range(steps):
                 batches = rank_microbatches(data, it * cfg.global_batch_size, cfg)
@@ -110,31 +117,50 @@ def _rank(rank, port, out_dir, world, segments, segment_length, steps, modes):
         parallel.destroy_model_parallel()
 
 
-def _spawn(world, segments, args, modes):
+def _spawn(world, segments, args, modes, weights_path):
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank, args=(parallel.free_port(), out_dir, world, segments, args.segment_length, args.steps, modes),
-                 nprocs=world, join=True)
+        mp.spawn(_rank, args=(parallel.free_port(), out_dir, world, segments, args.segment_length, args.steps, modes,
+                              weights_path), nprocs=world, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _fastest(step_times: list[list[float]]) -> float:
+    """The fastest step (a step lasts as long as its slowest rank): the least disturbed by other load."""
+    return min(max(per_rank) for per_rank in zip(*step_times))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--segments", type=int, nargs="+", default=[4, 8, 16], help="segments per sequence")
-    p.add_argument("--segment-length", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement (the first is not timed)")
+    p.add_argument("--segment-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per measurement (the first is not timed)")
+    p.add_argument("--rounds", type=int, default=2, help="PP1 / PP2 measurements alternated this many times")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
     for n in args.segments:
-        pp1 = _spawn(1, n, args, ("sequential", "windows"))[0]
-        pp2 = _spawn(2, n, args, ("pipeline",))
-        seq_s = statistics.median(pp1["sequential"]["step_s"])
-        win_s = statistics.median(pp1["windows"]["step_s"])
-        # a step ends when its slowest stage does; per step, the slowest rank's time
-        pp2_steps = [max(r["pipeline"]["step_s"][i] for r in pp2) for i in range(len(pp2[0]["pipeline"]["step_s"]))]
-        pp2_s = statistics.median(pp2_steps)
-        bubble = [statistics.median(w / s for w, s in zip(r["pipeline"]["p2p_s"], r["pipeline"]["step_s"]))
-                  for r in pp2]
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = os.path.join(tmp, "weights.pt")
+            for round_ in range(args.rounds):  # PP1 and PP2 alternate; timed steps of all rounds are pooled
+                one = _spawn(1, n, args, ("sequential", "windows"), weights)[0]
+                two = _spawn(2, n, args, ("pipeline",), weights)
+                if round_ == 0:
+                    pp1, pp2 = one, two
+                    continue
+                for mode in one:
+                    for key in ("step_s", "p2p_s"):
+                        pp1[mode][key] += one[mode][key]
+                for r, r_new in zip(pp2, two):
+                    for key in ("step_s", "p2p_s"):
+                        r["pipeline"][key] += r_new["pipeline"][key]
+        seq_s = _fastest([pp1["sequential"]["step_s"]])
+        win_s = _fastest([pp1["windows"]["step_s"]])
+        pp2_s = _fastest([r["pipeline"]["step_s"] for r in pp2])
+        # per stage: p2p time / step time of its fastest step, and the median over the timed steps
+        bubble = [min(r["pipeline"]["step_s"]) for r in pp2]
+        bubble = [r["pipeline"]["p2p_s"][r["pipeline"]["step_s"].index(t)] / t for r, t in zip(pp2, bubble)]
+        bubble_median = [statistics.median(w / s for w, s in zip(r["pipeline"]["p2p_s"], r["pipeline"]["step_s"]))
+                         for r in pp2]
         m = (MODEL["global_batch_size"] // MODEL["micro_batch_size"]) * n
         row = {
             "segments": n,
@@ -145,7 +171,10 @@ def main(argv=None) -> int:
             "pp2_step_s": pp2_s,
             "pp2_over_pp1": pp2_s / seq_s,
             "bubble_fraction_per_stage": bubble,
+            "bubble_fraction_per_stage_median": bubble_median,
             "bubble_fraction_ideal_1f1b": 1 / (m + 1),
+            "step_s_all": {"sequential": pp1["sequential"]["step_s"], "windows": pp1["windows"]["step_s"],
+                           "pp2_per_rank": [r["pipeline"]["step_s"] for r in pp2]},
             "max_loss_rel_diff_pp2_vs_pp1": max(abs(a - b) / abs(b) for a, b in
                                                 zip(pp2[-1]["pipeline"]["losses"], pp1["sequential"]["losses"])),
         }
@@ -161,9 +190,11 @@ def main(argv=None) -> int:
               f"| {r['pp1_windows_step_s']:.3f} | {r['pp2_step_s']:.3f} | {r['pp2_over_pp1']:.2f} "
               f"| {b[0]:.2f} / {b[1]:.2f} | {r['bubble_fraction_ideal_1f1b']:.3f} |")
     if args.out:
-        meta = {"model": MODEL, "segment_length": args.segment_length, "steps": args.steps,
+        meta = {"model": MODEL, "segment_length": args.segment_length, "steps": args.steps, "rounds": args.rounds,
                 "device": "cpu (gloo), 1 thread per process", "torch": torch.__version__,
-                "bubble": "time a stage spends inside megatron's p2p send/recv calls (waiting included) / its step time"}
+                "step_time": "fastest timed step (steps after the first; a step lasts as long as its slowest rank)",
+                "bubble": "time a stage spends inside megatron's p2p send/recv calls (waiting included) / its step "
+                          "time, in its fastest step (and the median over the timed steps)"}
         with open(args.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     return 0

@@ -25,8 +25,11 @@ against `tbptt_backward`.
 
 Micro-batches of the schedule: data micro-batch m (this data-parallel rank's share of the
 global batch) x segment i, m-major. Windows at the start of a sequence and the last
-(shorter) segment have other lengths, so the model config has `variable_seq_lengths=True`
-(megatron exchanges the shape before each p2p transfer) and `batch_p2p_comm=False`.
+(shorter) segment are shorter than (K+1)·S. Every stage knows each window's length from
+(m, i), so activations travel in one fixed shape [(K+1)·S, B, H], zero-padded at the end
+and cut back by the receiving stage: one p2p transfer per activation or gradient, where
+megatron's `variable_seq_lengths` would first exchange every shape (a second blocking
+round trip). `batch_p2p_comm=False`: plain isend/irecv over gloo.
 
 Shape legend: B micro-batch, T sequence length, S segment length, L tokens of a window,
 V vocabulary (unpadded), H hidden.
@@ -58,10 +61,7 @@ def stage_build_kwargs() -> dict:
     return dict(
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        # megatron refuses variable_seq_lengths with its default MoE dispatcher ("allgather");
-        # the model has no experts, so naming the other one changes nothing else.
-        config_overrides={"variable_seq_lengths": True, "batch_p2p_comm": False,
-                          "moe_token_dispatcher_type": "alltoall"},
+        config_overrides={"batch_p2p_comm": False},
     )
 
 
@@ -109,8 +109,9 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
     gpt = unwrap_model(model)
     layers = layer_indices(gpt)
     vocab = gpt.megaseg_config.vocab_size
-    last = parallel_state.is_pipeline_last_stage()
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     S, T = cfg.segment_length, cfg.seq_length
+    wire = (k + 1) * S  # tokens of every activation sent between stages (shorter windows are padded)
     wins = windows(-(-T // S), k)
     n_seg = len(wins)
     order = [(m, i) for m in range(len(microbatches)) for i in range(n_seg)]
@@ -122,14 +123,18 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
         m, i = next(data_iterator)
         first_seg, _ = wins[i]
         tokens_BT, labels_BT = microbatches[m]
+        ids_BL = tokens_BT[:, first_seg * S : (i + 1) * S]
+        L = ids_BL.shape[1]
+        if not first:  # the schedule handed the model the padded activation: keep the window's L tokens
+            gpt.decoder.set_input_tensor(gpt.decoder.input_tensor[:L])
         carrier = SegmentStates.start(layers, store.pop((m, first_seg - 1)) if first_seg > 0 else None)
         with autocast_context(bf16):
-            out = net(tokens_BT[:, first_seg * S : (i + 1) * S], position_ids=None, attention_mask=None,
-                      packed_seq_params=carrier, runtime_gather_output=True)
+            out = net(ids_BL, position_ids=None, attention_mask=None, packed_seq_params=carrier,
+                      runtime_gather_output=True)
         if i + k + 1 < n_seg:  # the start state of window i + K + 1
             store[(m, i)] = [st.detached() for st in carrier.next_states(layers)]
-        if not last:  # hidden [L, B, H] to the next stage, in the pipeline dtype
-            return out.float().contiguous(), None
+        if not last:  # hidden [L, B, H] -> [(K+1)·S, B, H] for the next stage, in the pipeline dtype
+            return torch.nn.functional.pad(out.float(), (0, 0, 0, 0, 0, wire - L)).contiguous(), None
         labels_BL = labels_BT[:, i * S : (i + 1) * S]
 
         def loss_func(logits_BLV):
@@ -146,7 +151,7 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
         data_iterator=iter(order),
         model=[model],
         num_microbatches=num_micro,
-        seq_length=(k + 1) * S,
+        seq_length=wire,
         micro_batch_size=cfg.micro_batch_size,
         forward_only=forward_only,
     )
