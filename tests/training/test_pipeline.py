@@ -142,6 +142,8 @@ def _pipeline_rank(rank, port, out_dir, world, plan, reference):
             layout = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                       ps.get_data_parallel_rank())
             saved[name] = {"layout": layout, "results": results}
+            if name == "pp2":
+                saved["skip"] = _non_finite_step(_cfg(plan, *RUN_CASE, **sizes))
             if name == "pp2_tp2":
                 cfg = _run_cfg(plan, out_dir, train_iters=2, **sizes)
                 run = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, VALID, out=io.StringIO(),
@@ -155,6 +157,34 @@ def _pipeline_rank(rank, port, out_dir, world, plan, reference):
         torch.save(saved, out_dir / f"rank{rank}.pt")
     finally:
         parallel.destroy_model_parallel()
+
+
+def _non_finite_step(cfg):
+    """One train_step whose gradients turn NaN on the first stage only (as an overflow there
+    would): (update made, weights unchanged) on this rank."""
+    from megatron.core import parallel_state as ps
+
+    from megaseg.training import trainer
+    from megaseg.training.batches import rank_microbatches
+
+    model, optimizer, scheduler = trainer.setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real = trainer.forward_backward
+
+    def poisoned(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        if ps.is_pipeline_first_stage():
+            for p in model.parameters():
+                p.main_grad.fill_(float("nan"))
+        return out
+
+    trainer.forward_backward = poisoned
+    try:
+        metrics = trainer.train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg), cfg, bf16=False)
+    finally:
+        trainer.forward_backward = real
+    unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    return metrics.update_successful, unchanged
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +235,10 @@ def test_k_changes_the_pipeline_gradients_but_not_the_loss(spawned, plan):
     diff = max((k0["grads"][n] - k1["grads"][n]).norm().item() / k1["grads"][n].norm().item()
                for n in k1["grads"] if k1["grads"][n].norm() > 0)
     assert diff > 1e-3
+
+
+def test_a_non_finite_stage_skips_the_step_on_every_stage(spawned):
+    assert spawned["skip"] == [(False, True), (False, True)]
 
 
 def _close_list(got, want):
