@@ -162,7 +162,8 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.megatron import parallel
     from megaseg.checkpoint.training import locate_checkpoint
     from megaseg.ops import kernels
-    from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain, resolve_bf16
+    from megaseg.training.precision import resolve_bf16
+    from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size

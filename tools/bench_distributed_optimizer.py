@@ -37,7 +37,8 @@ def _rank(rank, world, port, steps, out_dir, deepspeed_configs):
     parallel.initialize_model_parallel(tp=1, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                        timeout_s=300)
     from megaseg.training.arguments import PretrainConfig
-    from megaseg.training.trainer import optimizer_state_bytes, rank_microbatches, setup_model_and_optimizer, train_step
+    from megaseg.training.batches import rank_microbatches
+    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
     from tests.training.synthetic import PatternDataset
 
     data = PatternDataset(64, MODEL["seq_length"], seed=0)

@@ -293,7 +293,8 @@ def check_te_vs_local(sh: dict, device, bf16: bool) -> dict:
     if not transformer_engine_available():
         return {"skipped": "transformer_engine is not importable"}
     from megaseg.megatron.model import segment_forward
-    from megaseg.training.trainer import autocast_context, setup_model_and_optimizer
+    from megaseg.training.precision import autocast_context
+    from megaseg.training.trainer import setup_model_and_optimizer
 
     T = sh["te_T"]
     cfgs = {name: pretrain_config(sh, seq_length=T, use_te=use_te, optimizer="sgd", sgd_momentum=0.0, lr=1e-2,
@@ -384,7 +385,8 @@ def train_stock(sh: dict, device, bf16: bool, steps: int, peak: float | None, sm
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megaseg.megatron.model import transformer_config_from
-    from megaseg.training.trainer import autocast_context, seed_everything
+    from megaseg.training.precision import autocast_context
+    from megaseg.training.trainer import seed_everything
 
     cfg = pretrain_config(sh)
     model_cfg = cfg.model_config(sh["vocab"])
@@ -503,7 +505,7 @@ def main(argv=None) -> int:
         print("gpu_check needs a CUDA device; --smoke runs it at tiny shapes on this machine", file=sys.stderr)
         return 2
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    from megaseg.training.trainer import bf16_supported
+    from megaseg.training.precision import bf16_supported
 
     bf16 = cuda and bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -349,23 +349,6 @@ def _replace_references(original, replacement):
                 setattr(module, attr, replacement)
 
 
-def _refuse_batched_interleaved(schedule):
-    """Interleaved 1F1B with batched p2p gives wrong upstream gradients over gloo."""
-    from megatron.core.utils import get_model_config
-
-    @functools.wraps(schedule)
-    def guarded(*args, model, **kwargs):
-        first_chunk = model[0] if isinstance(model, (list, tuple)) else model
-        if get_model_config(first_chunk).batch_p2p_comm:
-            raise ValueError(
-                "interleaved pipeline parallelism on CPU requires batch_p2p_comm=False "
-                "(batched send/recv over gloo corrupts upstream gradients)"
-            )
-        return schedule(*args, model=model, **kwargs)
-
-    return guarded
-
-
 def is_applied() -> bool:
     """Whether `apply()` has patched megatron-core in this process."""
     return _applied
@@ -409,12 +392,6 @@ def apply() -> bool:
         original, replacement = _recompile(module_name, qualname, edits)
         if "." not in qualname:
             _replace_references(original, replacement)
-
-    from megatron.core.pipeline_parallel import schedules
-
-    schedules.forward_backward_pipelining_with_interleaving = _refuse_batched_interleaved(
-        schedules.forward_backward_pipelining_with_interleaving
-    )
 
     _applied = True
     return True

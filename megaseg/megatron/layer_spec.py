@@ -126,11 +126,11 @@ def get_segmented_block_spec(
     cfg: ModelConfig,
     config: TransformerConfig,
     use_te: bool | None = None,
-    vp_stage: int | None = None,
 ) -> TransformerBlockSubmodules:
     """Block spec for this pipeline stage: its layers plus the final norm.
 
-    Given as a block (not a bare layer spec) so that the final norm is chosen here:
+    megaseg runs no virtual (interleaved) pipeline stages: a stage is one contiguous run of
+    num_layers / pipeline size layers. Given as a block (not a bare layer spec) so that the final norm is chosen here:
     megatron would otherwise pick its global default norm for it.
     """
     te = resolve_use_te(use_te)
@@ -141,5 +141,5 @@ def get_segmented_block_spec(
         final_norm = TENorm
     else:
         final_norm = RMSNorm
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    num_layers = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

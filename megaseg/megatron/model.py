@@ -128,7 +128,6 @@ def build_model(
     use_te: bool | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
-    vp_stage: int | None = None,
 ) -> GPTModel:
     """megatron-core GPTModel of ``cfg`` with segmented attention, for this rank and stage.
 
@@ -144,7 +143,7 @@ def build_model(
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_segmented_block_spec(cfg, config, use_te=use_te, vp_stage=vp_stage),
+        transformer_layer_spec=get_segmented_block_spec(cfg, config, use_te=use_te),
         vocab_size=padded_vocab_size(cfg.vocab_size, tp_size, vocab_multiple),
         max_sequence_length=cfg.segment.max_rope_position + 1,
         pre_process=pre_process,
@@ -152,7 +151,6 @@ def build_model(
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="none",
-        vp_stage=vp_stage,
     )
     # segment_forward needs the unpadded vocabulary; this is configuration, not state.
     model.megaseg_config = cfg

@@ -76,7 +76,6 @@ def initialize_model_parallel(
     tp: int = 1,
     pp: int = 1,
     cp: int = 1,
-    vpp: int | None = None,
     seed: int = 1234,
     **process_group_kwargs,
 ) -> None:
@@ -90,8 +89,6 @@ def initialize_model_parallel(
     for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if vpp is not None and (pp < 2 or vpp < 2):
-        raise ValueError(f"vpp={vpp} needs pp >= 2 and vpp >= 2 (got pp={pp})")
     cpu_compat.apply()
     init_process_group(**process_group_kwargs)
     world_size = dist.get_world_size()
@@ -107,7 +104,6 @@ def initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
-        virtual_pipeline_model_parallel_size=vpp,
     )
     model_parallel_cuda_manual_seed(seed)
 

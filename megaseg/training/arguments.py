@@ -104,7 +104,9 @@ class PretrainConfig:
 
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel ranks", "parallel")
-    pipeline_model_parallel_size: int = _f(1, "pipeline stages (the TBPTT engine runs one)", "parallel")
+    pipeline_model_parallel_size: int = _f(
+        1, "pipeline stages (must divide num_layers); TBPTT-K then runs one segment's loss per pipeline "
+        "micro-batch (docs/parallelism.md)", "parallel")
     context_parallel_size: int = _f(1, "context-parallel ranks: each runs a contiguous chunk of whole segments of "
                                     "every sequence (megaseg's segment-chunk context parallelism)", "parallel")
     use_distributed_optimizer: bool = _f(
@@ -214,11 +216,19 @@ class PretrainConfig:
                 _fail("context_parallel_size", self.context_parallel_size,
                       f"must be 1 with pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
                       "context parallelism runs the whole model on each rank")
+            if self.deepspeed:
+                _fail("context_parallel_size", self.context_parallel_size,
+                      "must be 1 with deepspeed=True: the DeepSpeed path reduces gradients over data-parallel ranks "
+                      "only; use --use-distributed-optimizer")
         if self.tbptt_k < 0 and self.pipeline_model_parallel_size > 1:
             _fail("tbptt_k", self.tbptt_k, "must be >= 0 with pipeline parallelism")
-        if self.pipeline_model_parallel_size != 1:
+        if self.num_layers % self.pipeline_model_parallel_size:
             _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
-                  "must be 1: the TBPTT engine runs the whole model on one stage")
+                  f"must divide num_layers ({self.num_layers}): every stage holds the same number of layers")
+        if self.pipeline_model_parallel_size > 1 and self.deepspeed:
+            _fail("pipeline_model_parallel_size", self.pipeline_model_parallel_size,
+                  "must be 1 with deepspeed=True: DeepSpeed ZeRO runs the whole model on one stage; use "
+                  "megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
         if self.head_plan_preset == "prior" and not self.long_range_heads and not self.head_plan_file:
             _fail("long_range_heads", self.long_range_heads, "the `prior` preset needs an explicit list of KV groups")
         parts = self.split.split(",")
@@ -436,6 +446,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = _normalize_key(key)
+        if name in UNSUPPORTED:
+            raise ConfigError(f"{path}: {name}={value!r} is invalid: {UNSUPPORTED[name]}")
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -444,14 +456,34 @@ def load_yaml(path: str) -> dict[str, Any]:
     return out
 
 
+# Megatron flags megaseg does not offer, and why (one-line ConfigError instead of "unrecognized").
+UNSUPPORTED = {
+    "num_layers_per_virtual_pipeline_stage": "megaseg runs no virtual (interleaved) pipeline stages; use "
+    "--pipeline-model-parallel-size alone",
+    "virtual_pipeline_model_parallel_size": "megaseg runs no virtual (interleaved) pipeline stages; use "
+    "--pipeline-model-parallel-size alone",
+}
+
+
+def _refuse_unsupported(argv: Sequence[str]) -> None:
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        key = _normalize_key(name.lstrip("-")) if arg.startswith("--") else None
+        if key in UNSUPPORTED:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            raise ConfigError(f"{key}={value!r} is invalid: {UNSUPPORTED[key]}")
+
+
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> PretrainConfig:
     """Flags (and the YAML file they name) -> a validated `PretrainConfig`.
 
     Raises `ConfigError` (one line, names the field; prefixed with the YAML file for its
     keys) for bad values; argparse exits with status 2 for malformed flags.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_unsupported(argv)
     parser = build_parser(prog)
-    given = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    given = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     path = given.get("config")
     from_yaml = load_yaml(path) if path else {}

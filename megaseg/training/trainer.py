@@ -9,6 +9,10 @@ One optimizer step (`train_step`):
     optimizer.step()              # clips the global grad norm, AdamW
     scheduler.step(global_batch)  # linear warmup, then cosine (or linear/constant) decay
 
+With pipeline stages (`--pipeline-model-parallel-size` > 1) the forward/backward runs on
+megatron's 1F1B schedule instead, one segment's loss per pipeline micro-batch
+(megaseg.training.pipeline); the rest of the step is the same.
+
 The loss is the mean NLL over every predicted token of the global batch, whatever the split
 into micro-batches and data-parallel ranks, so gradient accumulation changes nothing but
 memory. The data position is the number of consumed samples: global batch n is samples
@@ -36,38 +40,11 @@ from megaseg.training.arguments import PretrainConfig
 from megaseg.checkpoint.training import locate_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megaseg.training.monitor import StepTimer, TrainingMonitor
 from megaseg.ops import stats
+from megaseg.training import pipeline
+from megaseg.training.batches import (all_reduce_sum, compute_device, context_parallel_size, data_parallel_size,
+                                      rank_microbatches)
+from megaseg.training.precision import autocast_context, resolve_bf16
 from megaseg.training.tbptt import tbptt_backward
-
-
-# ---- precision ----------------------------------------------------------------------------------
-def bf16_supported() -> bool:
-    """bf16 autocast with native hardware support: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    return False
-
-
-def resolve_bf16(requested: bool | None) -> bool:
-    """None (auto) -> bf16 on CUDA when supported; on CPU fp32 (faster at small sizes).
-
-    Explicit True on hardware without bf16 support is a ConfigError.
-    """
-    if requested is None:
-        return torch.cuda.is_available() and bf16_supported()
-    if requested and not bf16_supported():
-        raise ConfigError("bf16=True is invalid: this machine has no native bf16 support; use --no-bf16")
-    return bool(requested)
-
-
-def autocast_context(bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -80,18 +57,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:
         pass
-
-
-def data_parallel_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size()
-
-
-def data_parallel_rank() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_rank()
 
 
 def check_batch_sizes(cfg: PretrainConfig) -> int:
@@ -108,11 +73,6 @@ def check_batch_sizes(cfg: PretrainConfig) -> int:
 def check_optimizer_settings(cfg: PretrainConfig) -> None:
     """Optimizer flags that cannot go together (ConfigError, one line naming both values);
     with --deepspeed, that deepspeed imports and its config agrees with the flags."""
-    if cfg.deepspeed and cfg.context_parallel_size > 1:
-        raise ConfigError(
-            f"context_parallel_size={cfg.context_parallel_size} is invalid with deepspeed=True: the DeepSpeed path "
-            "reduces gradients over data-parallel ranks only; use --use-distributed-optimizer"
-        )
     if cfg.deepspeed:
         from megaseg.training import deepspeed_backend
 
@@ -143,11 +103,13 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
     # Same seed, same initial weights, however many times a process builds a model.
     seed_everything(cfg.seed)
     model_parallel_cuda_manual_seed(cfg.seed)
+    stage = pipeline.stage_build_kwargs()  # this rank's pipeline stage, if the model is split
     gpt = build_model(
         model_config,
         params_dtype=torch.float32,
         use_te=cfg.use_te,
-        config_overrides={"init_method_std": cfg.init_method_std},
+        config_overrides={"init_method_std": cfg.init_method_std, **stage.pop("config_overrides", {})},
+        **stage,
     )
     if initial_weights is not None:
         load_reference_weights(gpt, initial_weights, model_config)
@@ -220,6 +182,8 @@ def load_reference_weights(gpt, state_dict, model_config: ModelConfig) -> None:
     te_layout = any(k.endswith("linear_qkv.layer_norm_weight") for k in gpt.state_dict())
     shard = reference_to_megatron(state_dict, model_config, ps.get_tensor_model_parallel_rank(),
                                   ps.get_tensor_model_parallel_world_size(), te_layout=te_layout)
+    if pipeline.pipeline_size() > 1:
+        shard = pipeline.stage_state_dict(shard, gpt)
     with torch.no_grad():
         gpt.load_state_dict(shard, strict=True)
 
@@ -252,62 +216,10 @@ def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-# ---- data ----------------------------------------------------------------------------------------
-def get_batch(dataset, first_sample: int, count: int, seq_length: int):
-    """tokens [count, T] and labels [count, T] (-100 where the loss is masked) of samples
-    first_sample .. first_sample + count - 1 (wrapping around the dataset)."""
-    tokens, labels = [], []
-    n = len(dataset)
-    for i in range(first_sample, first_sample + count):
-        sample = dataset[i % n]
-        t, lab = sample["tokens"], sample["labels"]
-        if "loss_mask" in sample:
-            lab = lab.masked_fill(sample["loss_mask"] == 0, -100)
-        tokens.append(torch.as_tensor(t, dtype=torch.long))
-        labels.append(torch.as_tensor(lab, dtype=torch.long))
-    tokens_BT, labels_BT = torch.stack(tokens).to(compute_device()), torch.stack(labels).to(compute_device())
-    if tokens_BT.shape[1] != seq_length:
-        raise ConfigError(
-            f"seq_length={seq_length} is invalid: the dataset yields sequences of {tokens_BT.shape[1]} tokens"
-        )
-    return tokens_BT, labels_BT
-
-
-def rank_microbatches(dataset, consumed: int, cfg: PretrainConfig):
-    """This DP rank's micro-batches of the global batch that starts at sample ``consumed``."""
-    per_rank = cfg.global_batch_size // data_parallel_size()
-    start = consumed + data_parallel_rank() * per_rank
-    return [
-        get_batch(dataset, start + m, cfg.micro_batch_size, cfg.seq_length)
-        for m in range(0, per_rank, cfg.micro_batch_size)
-    ]
-
-
-def compute_device() -> torch.device:
-    """Where batches and collective buffers live: this rank's GPU, else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def context_parallel_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_context_parallel_world_size()
-
-
 def uses_chunks(cfg: PretrainConfig) -> bool:
     """Whether steps run whole sequences in chunks (megaseg.parallel.context): with context
     parallelism, and for the untruncated gradient (tbptt_k = -1) on one rank too."""
     return context_parallel_size() > 1 or cfg.tbptt_k < 0
-
-
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    """Sums over the data x context-parallel ranks (each holds part of the global batch)."""
-    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
-    if dist.is_initialized() and data_parallel_size() * context_parallel_size() > 1:
-        from megatron.core import parallel_state
-
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return t.tolist()
 
 
 # ---- one step --------------------------------------------------------------------------------------
@@ -333,11 +245,14 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
 
     ``segment_forward(model, ids_BL, states) -> (logits_BLV, states)`` runs one segment
     (default: `megaseg.megatron.model.segment_forward`, the whole model on this rank); a
-    model split another way passes its own. Returns (sum of NLL, per-segment NLL sums,
+    model split another way passes its own. A model split into pipeline stages runs the
+    windows engine (`megaseg.training.pipeline.forward_backward`) instead. Returns (sum of NLL, per-segment NLL sums,
     per-segment token counts, tokens), each summed over all data-parallel ranks. With a
     ``segment_stats`` list, the first micro-batch runs under `megaseg.ops.stats.recording`
     and its recorder is appended to the list.
     """
+    if pipeline.pipeline_size() > 1:  # segment statistics are recorded without pipeline stages only
+        return pipeline.forward_backward(model, microbatches, cfg, bf16)
     if segment_forward is None:
         from megaseg.megatron.model import segment_forward
 
@@ -365,7 +280,7 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
 
     # Every context-parallel rank holds the whole micro-batches: count once per data-parallel rank.
     local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches) / context_parallel_size()
-    num_predicted = round(_all_reduce_sum([local_predicted])[0])
+    num_predicted = round(all_reduce_sum([local_predicted])[0])
     S = cfg.segment_length
     n_seg = -(-cfg.seq_length // S)
     nll = 0.0
@@ -383,7 +298,7 @@ def forward_backward(model, microbatches, cfg: PretrainConfig, bf16: bool, segme
             seg_sum[i] += mean * count
             seg_count[i] += count
         tokens += result.tokens
-    reduced = _all_reduce_sum([nll, float(tokens), *seg_sum, *map(float, seg_count)])
+    reduced = all_reduce_sum([nll, float(tokens), *seg_sum, *map(float, seg_count)])
     nll, tokens = reduced[0], int(reduced[1])
     seg_sum, seg_count = reduced[2 : 2 + n_seg], reduced[2 + n_seg :]
     return nll, seg_sum, seg_count, tokens, num_predicted
@@ -456,6 +371,8 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
     """
     from megaseg.megatron.model import segment_forward
 
+    if pipeline.pipeline_size() > 1:
+        return pipeline.evaluate(model, dataset, cfg, bf16)
     model.eval()
     S = cfg.segment_length
     n_seg = -(-cfg.seq_length // S)
@@ -485,7 +402,7 @@ def evaluate(model, dataset, cfg: PretrainConfig, bf16: bool) -> tuple[float, li
                     seg_count[i] += float((labels_BL != -100).sum())
     finally:
         model.train()
-    reduced = _all_reduce_sum(seg_sum + seg_count)
+    reduced = all_reduce_sum(seg_sum + seg_count)
     seg_sum, seg_count = reduced[:n_seg], reduced[n_seg:]
     loss = sum(seg_sum) / max(sum(seg_count), 1.0)
     return loss, [s / max(c, 1.0) for s, c in zip(seg_sum, seg_count)]
@@ -609,6 +526,7 @@ def pretrain(
         f"segments S={cfg.segment_length} M={cfg.tail_length} R={cfg.retrieval_length} K={cfg.tbptt_k}; "
         f"{'bf16 autocast' if bf16 else 'fp32'}; data-parallel {data_parallel_size()}"
         f"{f', context-parallel {context_parallel_size()}' if context_parallel_size() > 1 else ''}"
+        f"{f', pipeline stages {pipeline.pipeline_size()}' if pipeline.pipeline_size() > 1 else ''}"
         f"{' (distributed optimizer)' if cfg.use_distributed_optimizer else ''}"
         f"{' (DeepSpeed ZeRO)' if cfg.deepspeed else ''}, "
         f"{num_micro} micro-batch(es) of {cfg.micro_batch_size} per step")

@@ -39,14 +39,18 @@ PRETRAIN = dict(
     lr_decay_style="linear", lr_warmup_iters=3, lr_warmup_fraction=0.2, lr_warmup_init=1e-5, lr_decay_iters=30,
     weight_decay=0.05, optimizer="sgd", adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6, sgd_momentum=0.5,
     clip_grad=0.5, bf16=False, seed=7, max_consecutive_skipped_steps=2,
-    tensor_model_parallel_size=2, context_parallel_size=2, use_distributed_optimizer=True, deepspeed=True,
-    deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",  # pipeline size can only be 1 so far
+    tensor_model_parallel_size=2, pipeline_model_parallel_size=3, use_distributed_optimizer=True, deepspeed=False,
+    deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",
     data_path=["0.5", "a_text_document", "0.5", "b_text_document"], default_data_dir="elsewhere", split="90,5,5",
     tokenizer_model="tok.model", data_cache_path="cache", save="out", save_interval=10, load="in",
     no_load_optim=True, no_load_rng=True, override_opt_param_scheduler=True, pretrained_checkpoint="llama",
     exit_signal_handler=False, exit_interval=20, exit_duration_in_mins=90.0, log_interval=2,
     tensorboard_dir="tb", eval_interval=10, eval_iters=3, log_segment_stats_interval=4,
 )
+# DeepSpeed and context parallelism run one pipeline stage: their flags are covered by
+# variants with pipeline size 1.
+VARIANTS = {"pipeline": PRETRAIN, "deepspeed": {**PRETRAIN, "pipeline_model_parallel_size": 1, "deepspeed": True},
+            "context": {**PRETRAIN, "pipeline_model_parallel_size": 1, "context_parallel_size": 2}}
 
 
 def _fields(cls):
@@ -54,7 +58,11 @@ def _fields(cls):
 
 
 def test_every_field_is_covered():
-    assert set(PRETRAIN) == _fields(PretrainConfig) - {"config", "pipeline_model_parallel_size"}
+    assert set(PRETRAIN) == _fields(PretrainConfig) - {"config"}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(PretrainConfig)}
+    left = {f for f in PRETRAIN if all(v[f] == defaults[f] for v in VARIANTS.values())}
+    assert not left, f"PretrainConfig fields left at the default: {sorted(left)}"
     for obj in (MODEL, ROPE, SEGMENT):
         defaults = type(obj)()
         changed = {f for f in _fields(type(obj)) if getattr(obj, f) != getattr(defaults, f)}
@@ -80,11 +88,12 @@ def test_model_config_through_a_hugging_face_config(tmp_path, segmented):
     assert read_model(tmp_path / "hf", weights=False).config == MODEL
 
 
-def test_pretrain_config_through_yaml_and_a_checkpoint_dict(tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pretrain_config_through_yaml_and_a_checkpoint_dict(tmp_path, monkeypatch, variant):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps(PLAN.to_list()))
-    cfg = PretrainConfig(**PRETRAIN)
-    assert cfg.to_dict() == {**PRETRAIN, "pipeline_model_parallel_size": 1, "config": None}
+    cfg = PretrainConfig(**VARIANTS[variant])
+    assert cfg.to_dict() == {**VARIANTS[variant], "config": None}
     assert PretrainConfig(**cfg.to_dict()) == cfg  # the dict saved in every training checkpoint
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "config"}))
     from_yaml = parse_args(["--config", str(tmp_path / "run.yaml")])

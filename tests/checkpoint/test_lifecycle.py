@@ -98,7 +98,7 @@ def test_pretrained_llama_at_tp2_first_loss_equals_transformers_segmented_loss(s
     from megaseg.config import SegmentConfig
     from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint
     from megaseg.segment_options import head_plan_from
-    from megaseg.training.trainer import get_batch
+    from megaseg.training.batches import get_batch
     from tests.hf.tiny_hf import hf_llama
     sys.path.insert(0, str(REPO / "pretrain"))
     import pretrain_gpt

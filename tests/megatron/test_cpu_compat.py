@@ -275,22 +275,6 @@ def test_dist_checkpoint_round_trip_of_model_state(single_rank, tmp_path):
         torch.testing.assert_close(target(tokens, position_ids, None), source(tokens, position_ids, None))
 
 
-def test_interleaved_schedule_with_batched_p2p_is_refused(single_rank):
-    from megatron.core.pipeline_parallel import schedules
-
-    model = build_tiny_gpt()
-    assert model.config.batch_p2p_comm
-    with pytest.raises(ValueError, match="batch_p2p_comm=False"):
-        schedules.forward_backward_pipelining_with_interleaving(
-            forward_step_func=None,
-            data_iterator=None,
-            model=[model],
-            num_microbatches=1,
-            seq_length=SEQ,
-            micro_batch_size=1,
-        )
-
-
 def _forward_backward(model, tokens, position_ids, labels):
     logits = full_logits(model, tokens, position_ids)
     loss = model(tokens, position_ids, None, labels=labels).float().mean()

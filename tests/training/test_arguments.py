@@ -76,7 +76,8 @@ def test_bad_yaml_is_one_line_naming_file_and_field(tmp_path, text, expected):
         (["--lr-warmup-iters", "100"], "lr_warmup_iters=100 is invalid: must be < lr_decay_iters (100)"),
         (["--lr-warmup-fraction", "1.5"], "lr_warmup_fraction=1.5 is invalid"),
         (["--min-lr", "1"], "min_lr=1.0 is invalid: must be <= lr"),
-        (["--pipeline-model-parallel-size", "2"], "pipeline_model_parallel_size=2 is invalid"),
+        (["--pipeline-model-parallel-size", "3"], "pipeline_model_parallel_size=3 is invalid: must divide num_layers"),
+        (["--num-layers-per-virtual-pipeline-stage", "2"], "num_layers_per_virtual_pipeline_stage='2' is invalid"),
         (["--split", "1,0"], "split='1,0' is invalid"),
     ],
 )

@@ -6,6 +6,7 @@ run's next loss; a DeepSpeed config that contradicts the flags is a one-line err
 """
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -27,8 +28,13 @@ def _settings(**overrides):
     return values
 
 
-def _write_config(path, stage, **extra):
-    path.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_batch_size": "auto", **extra}))
+def _write_config(path, stage, zero=None, **extra):
+    """Write the DeepSpeed JSON atomically: both spawned ranks write the same file, and a rank
+    must never read the other's half-written one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    config = {"zero_optimization": {"stage": stage, **(zero or {})}, "train_batch_size": "auto", **extra}
+    tmp.write_text(json.dumps(config))
+    os.replace(tmp, path)
     return str(path)
 
 
@@ -36,7 +42,8 @@ def _train(cfg):
     """(losses, weights, optimizer-state bytes, per parameter: how many times each step reduced it)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from megaseg.training.trainer import optimizer_state_bytes, rank_microbatches, setup_model_and_optimizer, train_step
+    from megaseg.training.batches import rank_microbatches
+    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
 
     reductions = []
     original = DeepSpeedZeroOptimizer.reduce_ready_partitions_and_remove_grads
@@ -72,7 +79,8 @@ def _cpu_adam_built() -> bool:
 
 
 def _replicated(cfg):
-    from megaseg.training.trainer import optimizer_state_bytes, rank_microbatches, setup_model_and_optimizer, train_step
+    from megaseg.training.batches import rank_microbatches
+    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
 
     model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
     losses = [train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, it * cfg.global_batch_size, cfg), cfg,
@@ -94,9 +102,7 @@ def _dp2_rank(rank, port, out_dir):
             ds = _write_config(out_dir / f"ds{stage}.json", stage)
             results[f"zero{stage}"] = _train(tiny_config(**_settings(deepspeed=True, deepspeed_config=ds)))
         if _cpu_adam_built():
-            ds = str(out_dir / "ds_offload.json")
-            (out_dir / "ds_offload.json").write_text(json.dumps(
-                {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+            ds = _write_config(out_dir / "ds_offload.json", 2, zero={"offload_optimizer": {"device": "cpu"}})
             results["zero2_offload"] = _train(tiny_config(**_settings(deepspeed=True, deepspeed_config=ds)))
         cfg = tiny_config(out_dir / "run", **_settings(deepspeed=True, deepspeed_config=str(out_dir / "ds2.json"),
                                                        train_iters=2))
@@ -135,8 +141,12 @@ def test_zero_matches_the_replicated_optimizer_with_half_the_state(dp2, stage):
         assert 0.45 <= nbytes / rep_bytes <= 0.55, (nbytes, rep_bytes)
 
 
-def test_deepspeed_checkpoint_saved_at_dp2_resumes_at_dp1(dp2, model_parallel):
+def test_deepspeed_checkpoint_saved_at_dp2_resumes_at_dp1(dp2, model_parallel, monkeypatch):
     from megaseg.training.trainer import pretrain
+
+    # DeepSpeed's setup sets LOCAL_RANK when it is missing; left behind, it makes later
+    # in-process users of accelerate (lm_eval's hf backend) start a process group.
+    monkeypatch.setenv("LOCAL_RANK", "0")
 
     ranks, out_dir = dp2
     want = ranks[0]["zero2"][0]

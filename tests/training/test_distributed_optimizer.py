@@ -33,7 +33,8 @@ def _train(cfg):
     """STEPS steps of train_step; (losses, weights, optimizer-state bytes, grad syncs per bucket group)."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
-    from megaseg.training.trainer import rank_microbatches, setup_model_and_optimizer, train_step
+    from megaseg.training.batches import rank_microbatches
+    from megaseg.training.trainer import setup_model_and_optimizer, train_step
 
     syncs = []
     original = _ParamAndGradBucketGroup.start_grad_sync

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from megaseg.config import ConfigError
-from megaseg.training import trainer
-from megaseg.training.trainer import rank_microbatches, resolve_bf16, setup_model_and_optimizer, train_step
+from megaseg.training import precision
+from megaseg.training.batches import rank_microbatches
+from megaseg.training.precision import resolve_bf16
+from megaseg.training.trainer import setup_model_and_optimizer, train_step
 from tests.training.synthetic import PatternDataset, tiny_config
 
 
@@ -12,10 +14,10 @@ def test_auto_is_fp32_on_cpu_and_explicit_bf16_needs_hardware_support(monkeypatc
     if not torch.cuda.is_available():
         assert resolve_bf16(None) is False
     assert resolve_bf16(False) is False
-    monkeypatch.setattr(trainer, "bf16_supported", lambda: False)
+    monkeypatch.setattr(precision, "bf16_supported", lambda: False)
     with pytest.raises(ConfigError, match="bf16=True is invalid"):
         resolve_bf16(True)
-    monkeypatch.setattr(trainer, "bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "bf16_supported", lambda: True)
     assert resolve_bf16(True) is True
 
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from megaseg.training.trainer import forward_backward, rank_microbatches, setup_model_and_optimizer, train_step
+from megaseg.training.batches import rank_microbatches
+from megaseg.training.trainer import forward_backward, setup_model_and_optimizer, train_step
 from tests.training.synthetic import PatternDataset, tiny_config
 
 TRAIN = PatternDataset(16, 32, seed=0)
