@@ -20,7 +20,9 @@ def select_top_r(scores_BGCT: torch.Tensor, valid_len_C: torch.Tensor, r: int) -
     rk = min(r, t)
     pos_T = torch.arange(t, device=scores_BGCT.device)
     valid = pos_T < valid_len_C.to(scores_BGCT.device)[:, None]
-    masked = scores_BGCT.masked_fill(~valid, float("-inf"))
+    # A NaN score (a diverged forward) ranks lowest, so the picks stay in range and the
+    # step's non-finite loss is skipped by the trainer instead of crashing here.
+    masked = scores_BGCT.masked_fill(~valid | scores_BGCT.isnan(), float("-inf"))
     threshold = masked.topk(rk, dim=-1, sorted=True).values[..., -1:]
     above = masked > threshold
     at = masked == threshold

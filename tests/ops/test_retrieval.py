@@ -80,3 +80,15 @@ def test_merging_each_parts_top_r_is_select_top_r_over_the_whole_pool(seed):
     picked = cand_p.gather(-1, merge_top_r(cand_s, cand_p, R))
     for c, n in enumerate(valid_len.clamp(max=R).tolist()):
         assert torch.equal(picked[:, :, c, :n], want[:, :, c, :n]), c
+
+
+def test_nan_scores_rank_lowest_and_indices_stay_in_range():
+    """A diverged forward (NaN scores) must not index outside the pool: the trainer then
+    sees the non-finite loss and skips the step."""
+    scores = torch.randn(1, 2, 3, 10)
+    scores[0, 0, 1, :] = float("nan")
+    scores[0, 1, 2, 4] = float("nan")
+    idx = select_top_r(scores, torch.tensor([4, 10, 10]), 3)
+    assert int(idx.max()) < 10 and int(idx.min()) >= 0
+    finite = scores[0, 1, 2].nan_to_num(nan=float("-inf"))
+    assert idx[0, 1, 2].tolist() == sorted(finite.topk(3).indices.tolist())
