@@ -64,6 +64,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, HeadPlan, ModelConfig, SegmentConfig  # noqa: E402
 from megaseg.parallel.context import KINDS, ChunkLayout, bytes_per_layer, ring_bytes_per_layer  # noqa: E402
 from megaseg.segment_options import head_plan_from  # noqa: E402
+from tools.bench_tbptt import reset_peak, status_kib  # noqa: E402
 
 # The paper's setting (examples/llama2_7b_paper.yaml) at LLaMA2-7B's attention shape.
 PAPER = dict(seq_length=32768, segment_length=4096, tail_length=512, retrieval_length=512, cp=4, num_layers=32,
@@ -121,19 +122,6 @@ def paper_bytes(ks=KS) -> dict:
 
 
 # ---- spawned ranks ---------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _sum_ce(logits, labels):
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                              reduction="sum")
@@ -215,7 +203,7 @@ def _bytes_rank(rank, world, port, cfg, T, ks, out_dir):
             vec = torch.tensor([counts.get(key, 0) for key in keys], dtype=torch.float64)
             dist.all_reduce(vec)
             result[k] = {"bytes": {f"{layer}:{kind}": int(v) for (layer, kind), v in zip(keys, vec.tolist())},
-                         "seconds": seconds, "peak_rss_mib": _status_kib("VmHWM") / 1024}
+                         "seconds": seconds, "peak_rss_mib": status_kib("VmHWM") / 1024}
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "bytes.pt"))
     finally:
@@ -326,10 +314,10 @@ def _memory_rank(rank, world, port, cfg, T, ks, out_dir):
             meg.zero_grad(set_to_none=False)
             gc.collect()
             dist.barrier()
-            before = _status_kib("VmRSS")
-            _reset_peak()
+            before = status_kib("VmRSS")
+            reset_peak()
             fn()
-            peak = _status_kib("VmHWM") - before
+            peak = status_kib("VmHWM") - before
             gc.collect()
             got = [None] * world
             dist.all_gather_object(got, {"before_mib": before / 1024, "step_peak_mib": peak / 1024})

@@ -67,7 +67,8 @@ from megaseg.config import LOCAL, RETRIEVAL, HeadPlan, ModelConfig, SegmentConfi
 ROWS = ("megatron_tbptt", "reference_tbptt", "megatron_stock", "sdpa_full")
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -75,7 +76,8 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak():
+def reset_peak():
+    """Reset this process's resident-set high-water mark (VmHWM)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -225,8 +227,8 @@ def run_point(args, row: str, T: int) -> dict:
     warm = ids[:, : min(T, 2 * args.segment)] if segmented else ids[:, :256]
     step(warm)
     model.zero_grad(set_to_none=False)
-    before = _status_kib("VmRSS")
-    _reset_peak()
+    before = status_kib("VmRSS")
+    reset_peak()
     times = []
     for _ in range(args.repeats if T < args.single_repeat_from else 1):
         t0 = time.perf_counter()
@@ -234,7 +236,7 @@ def run_point(args, row: str, T: int) -> dict:
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=False)
     seconds = min(times)
-    peak = _status_kib("VmHWM") - before
+    peak = status_kib("VmHWM") - before
     gemm = max(gemm, gemm_flops_per_s(cfg))
     flops = step_flops(cfg, T, segmented)
     pool_mib = 0.0

@@ -155,7 +155,10 @@ class SequenceChunk:
 
     @classmethod
     def for_this_rank(cls, layout: ChunkLayout, tbptt_k: int) -> "SequenceChunk":
-        """The chunk of this process's context-parallel rank (megatron's CP group)."""
+        """The chunk of this process's context-parallel rank (megatron's CP group); with
+        ``layout.size`` 1 the whole sequence, no messages."""
+        if layout.size == 1:
+            return cls(layout, 0, tbptt_k)
         from megatron.core import parallel_state as ps
 
         if ps.get_context_parallel_world_size() != layout.size:
@@ -447,7 +450,7 @@ def chunk_backward(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, l
     """
     from megaseg.training.tbptt import StepResult
 
-    chunk = SequenceChunk.for_this_rank(layout, tbptt_k) if layout.size > 1 else SequenceChunk(layout, 0, tbptt_k)
+    chunk = SequenceChunk.for_this_rank(layout, tbptt_k)
     a, b = chunk.token_range
     labels = labels_BT[:, a:b]
     denom = max(num_predicted if num_predicted is not None else int((labels != -100).sum()), 1)
@@ -460,7 +463,7 @@ def chunk_backward(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, l
 @torch.no_grad()
 def chunk_losses(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, layout: ChunkLayout):
     """Forward-only: (NLL sum, labelled tokens) per segment of the sequence, this chunk's part."""
-    chunk = SequenceChunk.for_this_rank(layout, -1) if layout.size > 1 else SequenceChunk(layout, 0, -1)
+    chunk = SequenceChunk.for_this_rank(layout, -1)
     a, b = chunk.token_range
     try:
         _, sums, counts = _segment_sums(context_parallel_forward(model, input_ids_BT[:, a:b], chunk),
