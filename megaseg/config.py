@@ -272,6 +272,7 @@ class ModelConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2); no other linear has one
     rope: RopeConfig = field(default_factory=RopeConfig)
     segment: SegmentConfig = field(default_factory=lambda: SegmentConfig(1024, 128, 0, 1))
     head_plan: HeadPlan | None = None  # None = all `local`
@@ -281,6 +282,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 _fail(name, v, "must be an integer > 0")
+        if not isinstance(self.qkv_bias, bool):
+            _fail("qkv_bias", self.qkv_bias, "must be true or false")
         for name, kind in (("rope", RopeConfig), ("segment", SegmentConfig)):
             if not isinstance(getattr(self, name), kind):
                 _fail(name, getattr(self, name), f"must be a {kind.__name__}")

@@ -67,6 +67,10 @@ def resolve_data(cfg: PretrainConfig) -> tuple[list[str], str]:
         if not cfg.tokenizer_model:
             raise ConfigError("tokenizer_model=None is invalid: --data-path needs --tokenizer-model")
         return list(cfg.data_path), cfg.tokenizer_model
+    if cfg.tokenizer_model:
+        from megaseg.data.tokenizer import load_tokenizer
+
+        load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type)  # a one-line error before any work
 
     from megaseg.data.default_data import default_data_dir_for, prepare_default_data
 
@@ -75,30 +79,35 @@ def resolve_data(cfg: PretrainConfig) -> tuple[list[str], str]:
     data = None
     if _is_rank0():
         data = prepare_default_data(directory, tokenizer_model=cfg.tokenizer_model,
-                                    log=lambda msg: say(f"default data: {msg}"))
+                                    log=lambda msg: say(f"default data: {msg}"), tokenizer_type=cfg.tokenizer_type)
     if dist.is_initialized():
         dist.barrier()
     if data is None:
-        data = prepare_default_data(directory, tokenizer_model=cfg.tokenizer_model, log=lambda msg: None)
+        data = prepare_default_data(directory, tokenizer_model=cfg.tokenizer_model, log=lambda msg: None,
+                                    tokenizer_type=cfg.tokenizer_type)
     return [data.data_prefix], str(data.tokenizer_model)
 
 
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                        "kv_channels", "norm_epsilon", "rotary_base", "rope_scaling_type", "rope_scaling_factor",
                        "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position_embeddings",
-                       "untie_embeddings_and_output_weights", "vocab_size")
+                       "untie_embeddings_and_output_weights", "add_qkv_bias", "vocab_size")
 
 
 def apply_pretrained(cfg: PretrainConfig):
-    """(config with the pretrained checkpoint's architecture and tokenizer, its reference weights).
+    """(config with the pretrained checkpoint's architecture and tokenizer, its reference
+    weights, its Hugging Face config fields).
 
     The architecture comes from the checkpoint: a flag left at its default takes the
     checkpoint's value, a flag set to another value is an error naming both. Segment
     settings and head plan are this run's (continued pretraining changes how the model is
-    segmented, not its shape).
+    segmented, not its shape). The tokenizer is the checkpoint's (a sentencepiece
+    ``tokenizer.model`` or a Hugging Face ``tokenizer.json``) unless one is given; either
+    way its special ids must agree with the checkpoint's config.
     """
     from megaseg.checkpoint.formats import checkpoint_shape, read_model
     from megaseg.config import SegmentConfig
+    from megaseg.data.tokenizer import load_tokenizer
     from megaseg.segment_options import head_plan_from
 
     path = cfg.pretrained_checkpoint
@@ -115,23 +124,40 @@ def apply_pretrained(cfg: PretrainConfig):
                 rope_scaling_factor=m.rope.factor, rope_low_freq_factor=m.rope.low_freq_factor,
                 rope_high_freq_factor=m.rope.high_freq_factor,
                 rope_original_max_position_embeddings=m.rope.original_max_position_embeddings,
-                untie_embeddings_and_output_weights=not m.tie_word_embeddings, vocab_size=m.vocab_size)
+                untie_embeddings_and_output_weights=not m.tie_word_embeddings, add_qkv_bias=m.qkv_bias,
+                vocab_size=m.vocab_size)
     defaults = PretrainConfig.__dataclass_fields__
     for name in ARCHITECTURE_FIELDS:
         value, default = getattr(cfg, name), defaults[name].default
         if value != default and value != arch[name]:
             raise ConfigError(f"{name}={value!r} is invalid: the pretrained checkpoint {path} has {name}={arch[name]!r} "
                               "(leave the flag out to take the checkpoint's)")
-    tokenizer = cfg.tokenizer_model
-    if tokenizer is None and source.tokenizer is not None:
-        tokenizer = source.tokenizer if source.tokenizer.endswith(".model") else str(Path(source.tokenizer) / "tokenizer.model")
-        if not Path(tokenizer).is_file():
-            raise ConfigError(f"pretrained_checkpoint={path!r} has no sentencepiece tokenizer.model; "
-                              "pass --tokenizer-model")
+    tokenizer = cfg.tokenizer_model or source.tokenizer
     if tokenizer is None:
-        raise ConfigError(f"pretrained_checkpoint={path!r} has no tokenizer; pass --tokenizer-model")
-    values = {**cfg.to_dict(), **arch, "tokenizer_model": tokenizer}
-    return PretrainConfig(**values), source.state_dict
+        raise ConfigError(f"pretrained_checkpoint={path!r} has no tokenizer (tokenizer.model or tokenizer.json); "
+                          "pass --tokenizer-model")
+    check_special_ids(load_tokenizer(tokenizer, cfg.tokenizer_type), source.hf, m.vocab_size, path)
+    values = {**cfg.to_dict(), **arch, "tokenizer_model": str(tokenizer)}
+    return PretrainConfig(**values), source.state_dict, source.hf
+
+
+def check_special_ids(tokenizer, hf: dict, model_vocab: int, path: str) -> None:
+    """The tokenizer must be the model's: its vocabulary fits the embedding and its bos/eos/pad
+    ids are those the checkpoint's config declares (an eos list, as Llama-3.1 has, must
+    contain the tokenizer's eos). One line naming both sides otherwise."""
+    if tokenizer.vocab_size > model_vocab:
+        raise ConfigError(f"tokenizer_model={str(tokenizer.path)!r} is invalid: it has {tokenizer.vocab_size} tokens, "
+                          f"the pretrained checkpoint {path} embeds {model_vocab}")
+    ids = tokenizer.special_ids()
+    for name in ("bos", "eos", "pad"):
+        declared, mine = hf.get(f"{name}_token_id"), ids[name]
+        if declared is None or mine is None and name == "pad":
+            continue
+        allowed = declared if isinstance(declared, list) else [declared]
+        if mine not in allowed:
+            raise ConfigError(
+                f"tokenizer_model={str(tokenizer.path)!r} is invalid: its {name} id is {mine}, the pretrained "
+                f"checkpoint {path} declares {name}_token_id={declared!r} (use the checkpoint's own tokenizer)")
 
 
 def build_datasets(cfg: PretrainConfig, blend: list[str], tokenizer):
@@ -185,13 +211,13 @@ def run(cfg: PretrainConfig) -> int:
         kernels.set_default(cfg.attention_kernel)
         if cfg.load:
             locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save)
-        initial_weights = None
+        initial_weights, base_hf = None, None
         if cfg.pretrained_checkpoint:
-            cfg, initial_weights = apply_pretrained(cfg)
+            cfg, initial_weights, base_hf = apply_pretrained(cfg)
         blend, tokenizer_model = resolve_data(cfg)
         # The config written into checkpoints names the tokenizer actually used.
         cfg = PretrainConfig(**{**cfg.to_dict(), "tokenizer_model": tokenizer_model})
-        tokenizer = validate_tokenizer(tokenizer_model)
+        tokenizer = validate_tokenizer(tokenizer_model, tokenizer_type=cfg.tokenizer_type)
         if cfg.vocab_size is not None and cfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(
                 f"vocab_size={cfg.vocab_size} is invalid: the tokenizer {tokenizer_model} has "
@@ -199,7 +225,7 @@ def run(cfg: PretrainConfig) -> int:
             )
         model_config = cfg.model_config(tokenizer.vocab_size)
         train, valid = build_datasets(cfg, blend, tokenizer)
-        pretrain(cfg, model_config, train, valid, initial_weights=initial_weights)
+        pretrain(cfg, model_config, train, valid, initial_weights=initial_weights, hf_fields=base_hf)
     finally:
         parallel.destroy_model_parallel()
     return 0
@@ -209,11 +235,16 @@ def main(argv=None) -> int:
     from megaseg.data.preprocess import DataError
     from megaseg.data.tokenizer import TokenizerError
 
-    user_errors = (ConfigError, CheckpointError, DataError, TokenizerError, FloatingPointError)
+    # Bad flags, data, tokenizers and checkpoints are usage errors (exit 2, like argparse);
+    # a run that diverged is a failure (exit 1).
+    user_errors = (ConfigError, CheckpointError, DataError, TokenizerError)
     try:
         cfg = parse_args(argv, prog=PROG)
         return run(cfg)
     except user_errors as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except FloatingPointError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -96,8 +96,11 @@ def read_model(path: str | os.PathLike, *, weights: bool = True, segment: Segmen
                 raise CheckpointError(f"{directory}: bad model config: {exc}") from None
             sd = None
         tokenizer = training_tokenizer(p, common)
-        src = ModelSource(p, fmt, _override(cfg, segment, head_plan, p), special_token_ids(tokenizer),
-                          tokenizer, sd, int(common["iteration"]))
+        # The run's tokenizer's special ids, under the base model's fields (continued
+        # pretraining; checked against the tokenizer when the run started, and an eos
+        # list such as Llama-3.1's stays a list).
+        hf = {**special_token_ids(tokenizer), **(common.get("hf") or {})}
+        src = ModelSource(p, fmt, _override(cfg, segment, head_plan, p), hf, tokenizer, sd, int(common["iteration"]))
     elif fmt == MEGASEG:
         sd, cfg, hf = read_model_dir(p, weights=weights)
         src = ModelSource(p, fmt, _override(cfg, segment, head_plan, p), hf, p, sd)
@@ -140,16 +143,26 @@ def training_tokenizer(path: str, common: Mapping[str, Any]) -> str | None:
     from megaseg.checkpoint.training import find_checkpoint
 
     directory = find_checkpoint(path)
+    if directory and os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return directory
     if directory and os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
         return os.path.join(directory, TOKENIZER_FILE)
     named = (common.get("args") or {}).get("tokenizer_model")
-    return named if named and os.path.isfile(named) else None
+    return named if named and os.path.exists(named) else None
 
 
 def special_token_ids(tokenizer: str | None) -> dict[str, Any]:
-    """HF config fields of a sentencepiece tokenizer: its bos/eos/pad ids (None when undefined)."""
-    if tokenizer is None or not tokenizer.endswith(".model"):
+    """HF config fields of a tokenizer: its bos/eos/pad ids (None when undefined)."""
+    if tokenizer is None:
         return {}
+    if not tokenizer.endswith(".model"):
+        from megaseg.data.tokenizer import HuggingFaceTokenizer, TokenizerError
+
+        try:
+            ids = HuggingFaceTokenizer(tokenizer).special_ids()
+        except TokenizerError as exc:
+            raise CheckpointError(str(exc)) from None
+        return {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")}
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor()

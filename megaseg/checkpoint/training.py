@@ -5,7 +5,8 @@ Layout of a save directory (Megatron's names):
     <save>/latest_checkpointed_iteration.txt   the iteration of the newest complete checkpoint
     <save>/iter_0000100/                       one dist_checkpointing checkpoint
         metadata.json, common.pt, .metadata, __*_*.distcp   (megatron-core)
-        tokenizer.model                        the run's sentencepiece tokenizer
+        tokenizer.model                        the run's sentencepiece tokenizer, or
+        tokenizer.json, tokenizer_config.json  its Hugging Face tokenizer files
         megaseg_manifest.json                  size and sha256 of every file above
 
 A checkpoint holds the model, the optimizer, the LR scheduler, every rank's RNG states, the
@@ -55,6 +56,7 @@ class LoadedCheckpoint:
     consumed_train_samples: int
     args: dict[str, Any]
     rng_restored: bool  # False when not asked for, or saved under another TP/PP layout
+    hf: dict[str, Any] | None = None  # the base model's Hugging Face config fields, if any
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -217,13 +219,16 @@ def save_training_checkpoint(
     args: dict[str, Any],
     model_config: dict[str, Any],
     tokenizer_model: str | None = None,
+    hf: dict[str, Any] | None = None,
 ) -> str:
     """Save everything needed to resume at ``iteration``; returns the iter_* directory.
 
     Collective: every rank calls it. ``model`` may be wrapped (DDP); ``args`` and
     ``model_config`` must be plain data (they go into common.pt and are compared on load).
-    ``tokenizer_model`` (a sentencepiece file) is copied in, so exports and generation
-    need nothing from the training run's data directory.
+    ``tokenizer_model`` (a sentencepiece file, or a directory with a Hugging Face
+    tokenizer) is copied in, so exports and generation need nothing from the training
+    run's data directory. ``hf`` (the base model's HF config fields, for continued
+    pretraining) is kept so that an export restores them.
     """
     from megatron.core import dist_checkpointing
 
@@ -245,11 +250,17 @@ def save_training_checkpoint(
         parallel_layout=parallel_layout(),
         layout=full_layout(),
     )
+    if hf:
+        sd["hf"] = dict(hf)
     dist_checkpointing.save(sd, tmp)
     _barrier()
     if _rank() == 0:
-        if tokenizer_model and os.path.isfile(tokenizer_model):
+        if tokenizer_model and os.path.isfile(tokenizer_model) and not tokenizer_model.endswith(".json"):
             shutil.copyfile(tokenizer_model, os.path.join(tmp, TOKENIZER_FILE))
+        elif tokenizer_model and os.path.exists(tokenizer_model):
+            from megaseg.checkpoint.weights import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_model, tmp)
         _write_manifest(tmp)
         _commit(tmp, final, root, iteration)
     _barrier()
@@ -460,6 +471,7 @@ def load_training_checkpoint(
         consumed_train_samples=int(state["consumed_train_samples"]),
         args=dict(state.get("args") or {}),
         rng_restored=load_rng,
+        hf=common.get("hf"),
     )
 
 

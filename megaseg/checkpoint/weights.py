@@ -319,12 +319,16 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype | None = None):
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy tokenizer files from a directory, or a single sentencepiece ``.model`` file."""
+    """Copy tokenizer files from a directory, a single sentencepiece ``.model`` file, or a
+    ``tokenizer.json`` (with the tokenizer_config.json beside it)."""
     s, d = Path(src), Path(dst)
     d.mkdir(parents=True, exist_ok=True)
+    if s.is_file() and s.name.endswith(".json"):
+        s = s.parent
     if s.is_file():
         if s.suffix != ".model":
-            raise CheckpointError(f"{s}: a tokenizer file must be a sentencepiece .model (or pass a directory)")
+            raise CheckpointError(f"{s}: a tokenizer file must be a sentencepiece .model or a tokenizer.json "
+                                  "(or pass a directory)")
         shutil.copyfile(s, d / "tokenizer.model")
         return ["tokenizer.model"]
     if not s.is_dir():

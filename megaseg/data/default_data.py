@@ -5,8 +5,9 @@
     # manifest.json (written last: its presence means the directory is complete)
 
 Calling it again with the same settings returns at once; different settings rebuild.
-With ``tokenizer_model`` the corpus is tokenized with that sentencepiece model (copied in)
-instead of a freshly trained one; `default_data_dir_for` gives such a build a directory of
+With ``tokenizer_model`` the corpus is tokenized with that tokenizer (a sentencepiece
+model, or a Hugging Face tokenizer directory or tokenizer.json; copied in) instead of a
+freshly trained one; `default_data_dir_for` gives such a build a directory of
 its own, named by the tokenizer's hash.
 """
 
@@ -21,7 +22,10 @@ from pathlib import Path
 
 from megaseg.data.corpus import DEFAULT_MIN_BYTES, stdlib_documents, write_jsonl
 from megaseg.data.preprocess import preprocess_jsonl
-from megaseg.data.tokenizer import train_tokenizer
+from megaseg.data.tokenizer import HuggingFaceTokenizer, load_tokenizer, train_tokenizer
+
+# The files of a Hugging Face tokenizer that travel with it (and with every checkpoint).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 MANIFEST = "manifest.json"
 
@@ -62,11 +66,20 @@ def _load(directory: Path, settings: DefaultDataSettings) -> DefaultData | None:
         tokens=manifest["tokens"],
     )
     files = [data.tokenizer_model, Path(data.data_prefix + ".bin"), Path(data.data_prefix + ".idx")]
-    return data if all(f.is_file() for f in files) else None
+    return data if all(f.exists() for f in files) else None
 
 
 def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hash of a tokenizer: the file, or the tokenizer files of a directory."""
+    p = Path(path)
+    if p.is_file() and not p.name.endswith(".json"):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    directory = p.parent if p.is_file() else p
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            digest.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    return digest.hexdigest()
 
 
 def default_data_dir_for(base: str | Path, tokenizer_model: str | Path | None) -> str:
@@ -80,6 +93,7 @@ def prepare_default_data(
     workers: int = 2,
     log=print,
     tokenizer_model: str | Path | None = None,
+    tokenizer_type: str | None = None,
 ) -> DefaultData:
     """Build (or find already built) the default dataset in `output_dir` (tokenized with
     ``tokenizer_model`` when given, else with a tokenizer trained on the corpus)."""
@@ -103,9 +117,19 @@ def prepare_default_data(
         )
     log(f"corpus: {documents} stdlib source files -> {corpus}")
 
-    if tokenizer_model is not None:
+    if tokenizer_model is not None and isinstance(load_tokenizer(tokenizer_model, tokenizer_type), HuggingFaceTokenizer):
+        source = Path(tokenizer_model)
+        source = source.parent if source.is_file() else source
+        model = directory / "tokenizer"
+        model.mkdir(exist_ok=True)
+        for name in TOKENIZER_FILES[:3]:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, model / name)
+        log(f"tokenizer: {tokenizer_model} (given, Hugging Face)")
+    elif tokenizer_model is not None:
+        source = Path(tokenizer_model)
         model = directory / "tokenizer.model"
-        shutil.copyfile(tokenizer_model, model)
+        shutil.copyfile(source / "tokenizer.model" if source.is_dir() else source, model)
         log(f"tokenizer: {tokenizer_model} (given)")
     else:
         model = _train_default_tokenizer(directory, settings)

@@ -1,11 +1,15 @@
-"""SentencePiece tokenizer: training, and the interface megatron-core's GPT datasets read.
+"""Tokenizers for training: sentencepiece models and Hugging Face ``tokenizer.json``.
 
 megatron-core's `GPTDatasetConfig.tokenizer` is duck-typed: `GPTDataset` reads `eod`
 (document separator), `pad` (masked out of the loss), `vocab_size`, and
-`unique_identifiers` (hashed into the dataset cache key). `SentencePieceTokenizer`
-provides those plus `tokenize`/`detokenize`, `bos`, `eos`, `unk`, `vocab`, `inv_vocab`.
+`unique_identifiers` (hashed into the dataset cache key). `SentencePieceTokenizer` and
+`HuggingFaceTokenizer` provide those plus `tokenize`/`detokenize`, `bos`, `eos`,
+`vocab`, `inv_vocab`, `special_ids()` and `path` (the file or directory to copy into
+checkpoints). `load_tokenizer` picks the class from Megatron's ``--tokenizer-type`` names
+or from what the path holds.
 
-Special ids are fixed at training time: pad 0, unk 1, bos 2, eos 3; eod is eos.
+Special ids of megaseg's own sentencepiece models are fixed at training time: pad 0,
+unk 1, bos 2, eos 3; eod is eos.
 Training keeps text byte-exact: identity normalization, no dummy prefix, whitespace kept,
 and byte fallback so any UTF-8 (newlines, tabs, rare characters) round-trips.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,8 +53,11 @@ class SentencePieceTokenizer:
         model_path: the `.model` file written by `train_tokenizer`.
     """
 
+    TYPE = "SentencePieceTokenizer"
+
     def __init__(self, model_path: str | Path):
         self.model_path = Path(model_path)
+        self.path = self.model_path
         self._sp = _load_processor(self.model_path)
         digest = hashlib.sha256(self.model_path.read_bytes()).hexdigest()
         self.unique_identifiers = OrderedDict(
@@ -107,6 +115,12 @@ class SentencePieceTokenizer:
     def has_byte_fallback(self) -> bool:
         return all(self._sp.PieceToId(f"<0x{b:02X}>") != self.unk for b in range(256))
 
+    def special_ids(self) -> dict[str, int | None]:
+        """bos/eos/pad/eod ids (None where the model has none)."""
+        ids = {"bos": self._sp.bos_id(), "eos": self._sp.eos_id(), "pad": self._sp.pad_id()}
+        ids = {k: (v if v >= 0 else None) for k, v in ids.items()}
+        return {**ids, "eod": ids["eos"]}
+
     def describe(self) -> str:
         """One line: vocabulary size, special ids and byte fallback."""
         return (
@@ -116,19 +130,164 @@ class SentencePieceTokenizer:
         )
 
 
-def validate_tokenizer(model_path: str | Path, require_byte_fallback: bool = True) -> SentencePieceTokenizer:
-    """Load a model and check it has the special tokens megaseg's datasets need."""
-    tokenizer = SentencePieceTokenizer(model_path)
+class HuggingFaceTokenizer:
+    """A Hugging Face fast tokenizer: ``tokenizer.json`` (with ``tokenizer_config.json``
+    beside it naming the special tokens, as every Hub checkpoint has).
+
+    Args:
+        path: a directory holding ``tokenizer.json``, or the ``tokenizer.json`` file itself.
+
+    Text is encoded without special tokens (BOS/EOS are the preprocessing's business:
+    ``--append-bos``/``--append-eod``). eod is the eos token. A pad token equal to eos (Qwen
+    names ``<|endoftext|>`` as both) is not a pad for the datasets: `pad` is then -1, which
+    never occurs, so eod keeps its loss.
+    """
+
+    TYPE = "HuggingFaceTokenizer"
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        p = Path(path)
+        if p.is_dir():
+            directory, file = p, p / "tokenizer.json"
+        else:
+            directory, file = p.parent, p
+        if not file.is_file():
+            raise TokenizerError(f"{p}: no tokenizer.json (a Hugging Face tokenizer is a directory with tokenizer.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{file}: not a readable tokenizer.json ({str(exc).splitlines()[0][:120]})") from None
+        self.path = directory
+        self.file = file
+        cfg_path = directory / "tokenizer_config.json"
+        try:
+            self._config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except ValueError:
+            raise TokenizerError(f"{cfg_path}: not valid JSON") from None
+        digest = hashlib.sha256(file.read_bytes())
+        digest.update(json.dumps(self.special_ids(), sort_keys=True).encode())
+        self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("model_sha256", digest.hexdigest())])
+
+    def _token_id(self, key: str) -> int | None:
+        token = self._config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if not token:
+            return None
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"{self.path}: tokenizer_config.json names {key}={token!r}, which is not in the vocabulary")
+        return tid
+
+    def special_ids(self) -> dict[str, int | None]:
+        ids = {k: self._token_id(f"{k}_token") for k in ("bos", "eos", "pad")}
+        return {**ids, "eod": ids["eos"]}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _special(self, name: str) -> int:
+        tid = self.special_ids()[name]
+        if tid is None:
+            raise AttributeError(f"{self.path} has no {name} token")
+        return tid
+
+    @property
+    def bos(self) -> int:
+        return self._special("bos")
+
+    @property
+    def eos(self) -> int:
+        return self._special("eos")
+
+    @property
+    def eod(self) -> int:
+        return self.eos
+
+    @property
+    def pad(self) -> int:
+        ids = self.special_ids()
+        return ids["pad"] if ids["pad"] is not None and ids["pad"] != ids["eos"] else -1
+
+    def describe(self) -> str:
+        ids = self.special_ids()
+        return f"{self.path}: vocab_size={self.vocab_size} " + " ".join(f"{k}={v}" for k, v in ids.items())
+
+
+TOKENIZER_TYPES = (SentencePieceTokenizer.TYPE, HuggingFaceTokenizer.TYPE)
+
+
+def tokenizer_type_of(path: str | Path) -> str:
+    """The tokenizer type a path holds: a sentencepiece ``.model`` file (or a directory with
+    ``tokenizer.model`` and no ``tokenizer.json``), else a Hugging Face tokenizer."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return HuggingFaceTokenizer.TYPE
+        if (p / "tokenizer.model").is_file():
+            return SentencePieceTokenizer.TYPE
+        raise TokenizerError(f"{p}: no tokenizer.json or tokenizer.model in this directory")
+    if not p.exists():
+        raise TokenizerError(f"tokenizer not found: {p}")
+    if p.name.endswith(".json"):
+        return HuggingFaceTokenizer.TYPE
+    return SentencePieceTokenizer.TYPE
+
+
+def load_tokenizer(path: str | Path, tokenizer_type: str | None = None):
+    """A `SentencePieceTokenizer` or `HuggingFaceTokenizer` for ``path`` (a file or a
+    directory); ``tokenizer_type`` (Megatron's name) must agree with what the path holds."""
+    found = tokenizer_type_of(path)
+    if tokenizer_type is not None and tokenizer_type not in TOKENIZER_TYPES:
+        raise TokenizerError(f"tokenizer_type={tokenizer_type!r} is invalid: allowed {', '.join(TOKENIZER_TYPES)}")
+    p = Path(path)
+    if tokenizer_type == SentencePieceTokenizer.TYPE and found != tokenizer_type:
+        if p.is_dir() and (p / "tokenizer.model").is_file():
+            found = tokenizer_type
+        else:
+            raise TokenizerError(f"tokenizer_type=SentencePieceTokenizer is invalid for {p}: it holds a Hugging Face "
+                                 "tokenizer.json (pass --tokenizer-type HuggingFaceTokenizer)")
+    if tokenizer_type == HuggingFaceTokenizer.TYPE and found != tokenizer_type:
+        raise TokenizerError(f"tokenizer_type=HuggingFaceTokenizer is invalid for {p}: it is a sentencepiece model "
+                             "(pass --tokenizer-type SentencePieceTokenizer)")
+    if found == SentencePieceTokenizer.TYPE:
+        return SentencePieceTokenizer(p / "tokenizer.model" if p.is_dir() else p)
+    return HuggingFaceTokenizer(p)
+
+
+def validate_tokenizer(model_path: str | Path, require_byte_fallback: bool = True, tokenizer_type: str | None = None):
+    """Load a tokenizer and check it has the special tokens megaseg's datasets need."""
+    tokenizer = load_tokenizer(model_path, tokenizer_type)
     try:
         tokenizer.eos
     except AttributeError as exc:
-        raise TokenizerError(str(exc)) from None
-    # pad is optional (Llama's tokenizer has none): megatron's datasets then pad with -1,
-    # which never occurs, since sequences are packed from the indexed dataset.
-    if tokenizer._sp.pad_id() >= 0 and tokenizer.pad == tokenizer.eod:
-        raise TokenizerError(f"{model_path}: pad and eod share id {tokenizer.pad}")
-    if require_byte_fallback and not tokenizer.has_byte_fallback:
-        raise TokenizerError(f"{model_path} has no byte fallback pieces; retrain with byte_fallback")
+        raise TokenizerError(f"{exc}; megaseg ends documents with eos") from None
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        # pad is optional (Llama's tokenizer has none): megatron's datasets then pad with -1,
+        # which never occurs, since sequences are packed from the indexed dataset.
+        if tokenizer._sp.pad_id() >= 0 and tokenizer.pad == tokenizer.eod:
+            raise TokenizerError(f"{model_path}: pad and eod share id {tokenizer.pad}")
+        if require_byte_fallback and not tokenizer.has_byte_fallback:
+            raise TokenizerError(f"{model_path} has no byte fallback pieces; retrain with byte_fallback")
     return tokenizer
 
 

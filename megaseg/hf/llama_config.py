@@ -1,7 +1,8 @@
-"""Hugging Face Llama ``config.json`` <-> megaseg ``ModelConfig``.
+"""Hugging Face ``config.json`` of the Llama-shaped families <-> megaseg ``ModelConfig``.
 
-Reads the raw JSON dict (no transformers import), so import works from any Llama-2 or
-Llama-3 checkpoint layout: ``rope_theta``/``rope_scaling`` (transformers 4.x) or
+A family (Llama 2/3.x, Mistral, Qwen2/Qwen2.5) is data (`FAMILIES`): its HF names, whether
+q/k/v carry biases, and its sliding-window field; all of them run as one model. Reads the
+raw JSON dict (no transformers import), so import works from any checkpoint layout: ``rope_theta``/``rope_scaling`` (transformers 4.x) or
 ``rope_parameters`` (5.x), GQA through ``num_key_value_heads``, an explicit ``head_dim``.
 An exported megaseg directory carries its segment settings and head plan under the
 ``megaseg`` key of the same file.
@@ -9,20 +10,50 @@ An exported megaseg directory carries its segment settings and head plan under t
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from megaseg.checkpoint.errors import CheckpointError
 from megaseg.config import ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
 
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MegasegLlamaForCausalLM")
-LLAMA_MODEL_TYPES = ("llama", "megaseg_llama")
 SEGMENTED_MODEL_TYPE = "megaseg_llama"
 SEGMENTED_ARCHITECTURE = "MegasegLlamaForCausalLM"
 REMOTE_CODE_MODULE = "modeling_megaseg"
 
-# HF fields that megaseg does not model but keeps so that an export restores them.
-PASSTHROUGH_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
-                    "torch_dtype", "dtype")
+
+@dataclass(frozen=True)
+class Family:
+    """How one Hugging Face model family maps onto megaseg's one (Llama-shaped) model.
+
+    model_type/architecture: the HF names. qkv_bias: True when q/k/v always have biases
+    (Qwen2). window_key: the config field of a sliding attention window, and
+    window_switch: a field that must be true for the window to apply (Qwen2's
+    ``use_sliding_window``); None when the family has no window.
+    """
+
+    model_type: str
+    architecture: str
+    qkv_bias: bool = False
+    window_key: str | None = None
+    window_switch: str | None = None
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("llama", "LlamaForCausalLM"),
+    Family("mistral", "MistralForCausalLM", window_key="sliding_window"),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, window_key="sliding_window", window_switch="use_sliding_window"),
+)}
+LLAMA_ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values()) + (SEGMENTED_ARCHITECTURE,)
+LLAMA_MODEL_TYPES = tuple(FAMILIES) + (SEGMENTED_MODEL_TYPE,)
+
+# HF fields that megaseg writes itself from the ModelConfig (everything else of a base
+# model's config.json is kept and restored on export).
+OWNED_KEYS = ("architectures", "model_type", "auto_map", "megaseg", "vocab_size", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+              "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_parameters",
+              "rope_scaling", "rope_theta", "transformers_version", "torch_dtype", "dtype")
+# Kept when the source is megaseg's own (a training run from scratch writes these defaults).
+PASSTHROUGH_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
 
 
 def _require(hf: Mapping, key: str, source: str):
@@ -31,19 +62,62 @@ def _require(hf: Mapping, key: str, source: str):
     return hf[key]
 
 
-def check_architecture(hf: Mapping, source: str) -> None:
+def family_of(hf: Mapping, source: str) -> Family:
+    """The family of a HF config (an export names its base family under ``megaseg.family``)."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
-    if model_type not in LLAMA_MODEL_TYPES or (archs and not any(a in LLAMA_ARCHITECTURES for a in archs)):
+    if model_type == SEGMENTED_MODEL_TYPE:
+        model_type = (hf.get("megaseg") or {}).get("family", "llama")
+    family = FAMILIES.get(model_type)
+    if family is None or (archs and not any(a in (family.architecture, SEGMENTED_ARCHITECTURE) for a in archs)):
+        supported = ", ".join(f"{f.model_type} ({f.architecture})" for f in FAMILIES.values())
         raise CheckpointError(
-            f"{source}: unsupported architecture {archs or None} (model_type {model_type!r}); "
-            f"megaseg converts Llama checkpoints ({', '.join(LLAMA_ARCHITECTURES)})"
+            f"{source}: unsupported architecture {archs or None} (model_type {hf.get('model_type')!r}); "
+            f"megaseg converts {supported}"
         )
+    return family
+
+
+def check_architecture(hf: Mapping, source: str) -> Family:
+    """The family of ``hf``; CheckpointError naming the field of a config it cannot run."""
+    family = family_of(hf, source)
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (Llama uses 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise CheckpointError(f"{source}: {flag}=true is not supported (Llama has no biases)")
+        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (megaseg's MLP is SwiGLU with 'silu')")
+    if hf.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported (megaseg's MLP has no biases)")
+    if hf.get("attention_bias") and hf.get("model_type") != SEGMENTED_MODEL_TYPE:
+        raise CheckpointError(f"{source}: attention_bias=true is not supported (it adds an o_proj bias; "
+                              "megaseg supports q/k/v biases only, as in Qwen2)")
+    for key in ("partial_rotary_factor",):
+        if hf.get(key) not in (None, 1, 1.0):
+            raise CheckpointError(f"{source}: {key}={hf[key]!r} is not supported (megaseg rotates the whole head)")
+    return family
+
+
+def sliding_window_of(hf: Mapping, family: Family) -> int | None:
+    """The attention window a base model was trained with (None: full attention)."""
+    if family.window_key is None:
+        return None
+    if family.window_switch is not None and not hf.get(family.window_switch):
+        return None
+    window = hf.get(family.window_key)
+    return int(window) if window else None
+
+
+def check_window(hf: Mapping, family: Family, segment: SegmentConfig, source: str) -> None:
+    """A sliding window is honoured when no local or segment head can reach past it: a query
+    sees at most tail_length + segment_length keys (retrieval heads read beyond it by
+    design, as the long-range channel). Anything else is refused, never dropped."""
+    window = sliding_window_of(hf, family)
+    if window is None:
+        return
+    reach = segment.segment_length + segment.tail_length
+    if reach > window:
+        raise CheckpointError(
+            f"{source}: {family.window_key}={window} is smaller than segment_length + tail_length = "
+            f"{segment.segment_length} + {segment.tail_length} = {reach}: local heads would attend past the "
+            f"window the model was trained with; choose segment_length + tail_length <= {window}"
+        )
 
 
 def rope_from_hf(hf: Mapping, source: str) -> RopeConfig:
@@ -100,12 +174,18 @@ def model_config_from_hf(
     plain Llama config has none, so they are then required (``segment`` at least; the
     plan defaults to all `local`).
     """
-    check_architecture(hf, source)
+    family = check_architecture(hf, source)
     own_segment, own_plan = segment_section(hf, source)
     segment = segment or own_segment
     head_plan = head_plan or own_plan
     if segment is None:
-        raise CheckpointError(f"{source}: a plain Llama config has no segment settings; pass them (segment length, tail, ...)")
+        raise CheckpointError(f"{source}: a plain {family.architecture} config has no segment settings; "
+                              "pass them (segment length, tail, ...)")
+    check_window(hf, family, segment, source)
+    if hf.get("model_type") == SEGMENTED_MODEL_TYPE:
+        qkv_bias = bool((hf.get("megaseg") or {}).get("qkv_bias", family.qkv_bias))
+    else:
+        qkv_bias = family.qkv_bias
     num_heads = int(_require(hf, "num_attention_heads", source))
     try:
         return ModelConfig(
@@ -118,6 +198,7 @@ def model_config_from_hf(
             head_dim=hf.get("head_dim"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
             rope=_megaseg_rope(hf, source) or rope_from_hf(hf, source),
             segment=segment,
             head_plan=head_plan,
@@ -138,19 +219,33 @@ def _megaseg_rope(hf: Mapping, source: str) -> RopeConfig | None:
 
 
 def passthrough_from_hf(hf: Mapping) -> dict[str, Any]:
-    return {k: hf[k] for k in PASSTHROUGH_KEYS if k in hf}
+    """Every field of a base model's config.json that megaseg does not write itself (max
+    positions, special ids and eos lists, window fields, ...), so an export restores them.
+    A megaseg export keeps what it carried through, and its base family."""
+    kept = {k: v for k, v in hf.items() if k not in OWNED_KEYS and not k.startswith("_")}
+    if hf.get("model_type") == SEGMENTED_MODEL_TYPE:
+        family = (hf.get("megaseg") or {}).get("family", "llama")
+    else:
+        family = hf.get("model_type", "llama")
+    return {**kept, "model_type": family}
 
 
 def hf_config_dict(cfg: ModelConfig, segmented: bool = True, passthrough: Mapping | None = None) -> dict[str, Any]:
     """config.json for an exported model.
 
     segmented=True: model_type ``megaseg_llama`` with ``auto_map`` to the bundled modeling
-    code (needs ``trust_remote_code=True``). segmented=False: a plain ``llama`` config that
-    stock transformers loads; the segment settings stay under ``megaseg`` for reference.
+    code (needs ``trust_remote_code=True``). segmented=False: a plain config of the base
+    family (``llama``, ``qwen2``, ``mistral``; ``passthrough["model_type"]``) that stock
+    transformers loads; the segment settings stay under ``megaseg`` for reference.
+    ``passthrough`` (the base model's other fields) is written back as it was.
     """
+    passthrough = dict(passthrough or {})
+    family = FAMILIES.get(passthrough.pop("model_type", None) or "llama", FAMILIES["llama"])
+    if family.qkv_bias != cfg.qkv_bias:  # a model trained from scratch with or without q/k/v biases
+        family = FAMILIES["qwen2" if cfg.qkv_bias else "llama"]
     d: dict[str, Any] = {
-        "architectures": [SEGMENTED_ARCHITECTURE if segmented else "LlamaForCausalLM"],
-        "model_type": SEGMENTED_MODEL_TYPE if segmented else "llama",
+        "architectures": [SEGMENTED_ARCHITECTURE if segmented else family.architecture],
+        "model_type": SEGMENTED_MODEL_TYPE if segmented else family.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -171,10 +266,12 @@ def hf_config_dict(cfg: ModelConfig, segmented: bool = True, passthrough: Mappin
         "eos_token_id": 2,
         "pad_token_id": None,
     }
-    d.update(passthrough or {})
+    d.update(passthrough)
     # Written whole: every SegmentConfig/RopeConfig field, so nothing is lost on the way back.
     d["megaseg"] = {
         "segmented": segmented,
+        "family": family.model_type,
+        "qkv_bias": cfg.qkv_bias,
         "segment": dataclasses.asdict(cfg.segment),
         "rope": dataclasses.asdict(cfg.rope),
         "head_plan": cfg.head_plan.to_list(),

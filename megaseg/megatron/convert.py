@@ -9,6 +9,8 @@ Reference (SegmentedLlamaForCausalLM / HF LlamaForCausalLM) -> megatron GPTModel
     layers.i.self_attn.{q,k,v}_proj.weight  decoder.layers.i.self_attention.linear_qkv.weight
                                                 [G/t * (hpg + 2) * D, E]: per KV group g of this rank
                                                 [q heads g*hpg .. g*hpg+hpg-1 ; k_g ; v_g]
+    layers.i.self_attn.{q,k,v}_proj.bias    decoder.layers.i.self_attention.linear_qkv.bias [G/t * (hpg + 2) * D]
+                                                (qkv_bias models, e.g. Qwen2; same per-group order)
     layers.i.self_attn.o_proj.weight        decoder.layers.i.self_attention.linear_proj.weight [E, H/t * D]
     layers.i.post_attention_layernorm       decoder.layers.i.pre_mlp_layernorm.weight
     layers.i.mlp.{gate,up}_proj.weight      decoder.layers.i.mlp.linear_fc1.weight [2F/t, E] = [gate_r ; up_r]
@@ -125,6 +127,11 @@ def reference_to_megatron(
         v = take(src + "self_attn.v_proj.weight", (G * D, E)).reshape(G, D, E)
         qkv = torch.cat([q, k, v], 1)[groups]
         out[dst + "self_attention.linear_qkv.weight"] = _own(qkv.reshape(-1, E))
+        if cfg.qkv_bias:
+            qb = take(src + "self_attn.q_proj.bias", (H * D,)).reshape(G, hpg * D)
+            kb = take(src + "self_attn.k_proj.bias", (G * D,)).reshape(G, D)
+            vb = take(src + "self_attn.v_proj.bias", (G * D,)).reshape(G, D)
+            out[dst + "self_attention.linear_qkv.bias"] = _own(torch.cat([qb, kb, vb], 1)[groups].reshape(-1))
         o = take(src + "self_attn.o_proj.weight", (E, H * D))
         cols = g_per * hpg * D
         out[dst + "self_attention.linear_proj.weight"] = _own(o[:, tp_rank * cols : (tp_rank + 1) * cols])
@@ -209,6 +216,13 @@ def megatron_to_reference(
         out[dst + "self_attn.q_proj.weight"] = _own(q.reshape(H * D, E))
         out[dst + "self_attn.k_proj.weight"] = _own(k.reshape(G * D, E))
         out[dst + "self_attn.v_proj.weight"] = _own(v.reshape(G * D, E))
+        if cfg.qkv_bias:
+            qkv_b = torch.cat([b.reshape(g_per, (hpg + 2) * D)
+                               for b in each(src + "self_attention.linear_qkv.bias", (g_per * (hpg + 2) * D,))], 0)
+            qb, kb, vb = qkv_b.split([hpg * D, D, D], dim=1)
+            out[dst + "self_attn.q_proj.bias"] = _own(qb.reshape(H * D))
+            out[dst + "self_attn.k_proj.bias"] = _own(kb.reshape(G * D))
+            out[dst + "self_attn.v_proj.bias"] = _own(vb.reshape(G * D))
         out[dst + "self_attn.o_proj.weight"] = _own(
             torch.cat(list(each(src + "self_attention.linear_proj.weight", (E, g_per * hpg * D))), 1)
         )

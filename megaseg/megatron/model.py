@@ -71,7 +71,7 @@ def transformer_config_from(cfg: ModelConfig, **overrides) -> TransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=cfg.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # megatron-core's SwiGLU with a hand-written backward (no bias here): fewer kernels

@@ -62,6 +62,7 @@ class PretrainConfig:
     rope_high_freq_factor: float = _f(4.0, "llama3 RoPE scaling: high-frequency factor", "model")
     rope_original_max_position_embeddings: int = _f(8192, "llama3 RoPE scaling: original context length", "model")
     untie_embeddings_and_output_weights: bool = _f(True, "separate output layer weights (Llama layout)", "model")
+    add_qkv_bias: bool = _f(False, "biases on the query/key/value projections (Qwen2 layout)", "model")
     init_method_std: float = _f(0.02, "std of the normal weight init", "model")
     vocab_size: int | None = _f(None, "vocabulary size (default: the tokenizer's)", "model")
 
@@ -126,7 +127,11 @@ class PretrainConfig:
     data_path: list[str] = _f([], "megatron blend: prefix ... or weight prefix ... (default: the default dataset)", "data")
     default_data_dir: str = _f("data/default", "where the default dataset is prepared when no data_path is given", "data")
     split: str = _f("98,2,0", "train,valid,test split of the data", "data")
-    tokenizer_model: str | None = _f(None, "sentencepiece model (default: the default dataset's)", "data")
+    tokenizer_model: str | None = _f(
+        None, "sentencepiece .model file, or a Hugging Face tokenizer (a directory with tokenizer.json, or the file) "
+        "(default: the pretrained checkpoint's, else the default dataset's)", "data")
+    tokenizer_type: str | None = _f(None, "tokenizer kind (default: what --tokenizer-model holds)", "data",
+                                    ("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     data_cache_path: str | None = _f(None, "where dataset index caches go (default: in memory, rebuilt each run)", "data")
 
     # ---- checkpointing ----------------------------------------------------------------------
@@ -280,6 +285,7 @@ class PretrainConfig:
             head_dim=self.kv_channels,
             rms_norm_eps=self.norm_epsilon,
             tie_word_embeddings=not self.untie_embeddings_and_output_weights,
+            qkv_bias=self.add_qkv_bias,
             rope=RopeConfig(
                 theta=self.rotary_base, scaling_type=self.rope_scaling_type, factor=self.rope_scaling_factor,
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,

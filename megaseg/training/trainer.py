@@ -494,11 +494,14 @@ def pretrain(
     valid_dataset=None,
     out: TextIO | None = None,
     initial_weights=None,
+    hf_fields: dict | None = None,
 ) -> TrainResult:
     """Train ``cfg.train_iters`` steps (resuming from ``cfg.load`` if it holds a checkpoint).
 
     ``initial_weights`` (a reference state dict) initialises the model when there is no
     checkpoint to resume from (continued pretraining; optimizer and schedule start fresh).
+    ``hf_fields`` (the base model's Hugging Face config fields) go into every checkpoint,
+    so an export restores them; a resumed run keeps its checkpoint's.
     Needs megatron's model-parallel state (megaseg.megatron.parallel.initialize_model_parallel).
     Log lines go to ``out`` (default stdout) on rank 0. Raises ConfigError / CheckpointError
     for user-fixable problems, FloatingPointError after too many non-finite steps in a row.
@@ -537,6 +540,7 @@ def pretrain(
         loaded = load_training_checkpoint(resume_from, model, optimizer, scheduler, model_config=model_cfg_dict,
                                           load_optimizer=not cfg.no_load_optim, load_rng=not cfg.no_load_rng)
         iteration, consumed = loaded.iteration, loaded.consumed_train_samples
+        hf_fields = hf_fields or loaded.hf
         if cfg.no_load_optim:
             scheduler.step(increment=iteration * cfg.global_batch_size)
         say(f"resumed from {loaded.path}: iteration {iteration}, {consumed} samples consumed")
@@ -568,7 +572,7 @@ def pretrain(
         last_checkpoint = save_training_checkpoint(
             cfg.save, iteration, model, optimizer, scheduler,
             consumed_train_samples=consumed,
-            args=cfg.to_dict(), model_config=model_cfg_dict, tokenizer_model=cfg.tokenizer_model,
+            args=cfg.to_dict(), model_config=model_cfg_dict, tokenizer_model=cfg.tokenizer_model, hf=hf_fields,
         )
         saved_at = iteration
         say(f"saved checkpoint {last_checkpoint} ({time.perf_counter() - t:.1f} s)")

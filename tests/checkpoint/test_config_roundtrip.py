@@ -24,14 +24,14 @@ SEGMENT = SegmentConfig(segment_length=32, tail_length=8, retrieval_length=16, t
                         retrieval_group_reduce="max")
 PLAN = HeadPlan((("local", "retrieval", "segment"), ("segment", "local", "local"), ("retrieval", "retrieval", "local")))
 MODEL = ModelConfig(vocab_size=77, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6, num_kv_heads=3,
-                    head_dim=10, rms_norm_eps=1e-6, tie_word_embeddings=True, rope=ROPE, segment=SEGMENT,
+                    head_dim=10, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True, rope=ROPE, segment=SEGMENT,
                     head_plan=PLAN)
 
 PRETRAIN = dict(
     num_layers=3, hidden_size=48, ffn_hidden_size=80, num_attention_heads=6, num_query_groups=3, kv_channels=10,
     norm_epsilon=1e-6, rotary_base=500000.0, rope_scaling_type="llama3", rope_scaling_factor=4.0,
     rope_low_freq_factor=2.0, rope_high_freq_factor=8.0, rope_original_max_position_embeddings=64,
-    untie_embeddings_and_output_weights=False, init_method_std=0.01, vocab_size=77,
+    untie_embeddings_and_output_weights=False, add_qkv_bias=True, init_method_std=0.01, vocab_size=77,
     segment_length=32, tail_length=8, retrieval_length=16, tbptt_k=2, retrieval_group_reduce="max",
     head_plan_preset="prior", long_range_layers=[0, 2], num_long_range_heads=2, long_range_heads=[1],
     head_plan_file="plan.json",
@@ -43,7 +43,7 @@ PRETRAIN = dict(
     deepspeed=False,
     deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",
     data_path=["0.5", "a_text_document", "0.5", "b_text_document"], default_data_dir="elsewhere", split="90,5,5",
-    tokenizer_model="tok.model", data_cache_path="cache", save="out", save_interval=10, load="in",
+    tokenizer_model="tok.model", tokenizer_type="SentencePieceTokenizer", data_cache_path="cache", save="out", save_interval=10, load="in",
     no_load_optim=True, no_load_rng=True, override_opt_param_scheduler=True, pretrained_checkpoint="llama",
     exit_signal_handler=False, exit_interval=20, exit_duration_in_mins=90.0, log_interval=2,
     tensorboard_dir="tb", eval_interval=10, eval_iters=3, log_segment_stats_interval=4,

@@ -106,6 +106,7 @@ def test_pretrained_llama_at_tp2_first_loss_equals_transformers_segmented_loss(s
     prefix, tokenizer = small_data
     llama = hf_llama("llama3", num_layers=2)
     llama.resize_token_embeddings(512)
+    llama.config.bos_token_id, llama.config.eos_token_id = 2, 3  # the run's tokenizer's ids
     llama.config.rope_parameters["original_max_position_embeddings"] = 8  # scaling bites at 16-token segments
     llama.save_pretrained(tmp_path / "llama")
     (tmp_path / "llama" / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
@@ -122,7 +123,7 @@ def test_pretrained_llama_at_tp2_first_loss_equals_transformers_segmented_loss(s
     (first_loss,) = _step_losses(run.stdout)
 
     # The same global batch, and the imported model under transformers with the run's segmentation.
-    cfg, _ = pretrain_gpt.apply_pretrained(pretrain_gpt.parse_args(flags + ["--tokenizer-model", tokenizer]))
+    cfg, _, _ = pretrain_gpt.apply_pretrained(pretrain_gpt.parse_args(flags + ["--tokenizer-model", tokenizer]))
     from megaseg.data.tokenizer import validate_tokenizer
 
     train, _ = pretrain_gpt.build_datasets(cfg, [prefix], validate_tokenizer(tokenizer))
@@ -146,7 +147,7 @@ def test_pretrained_checkpoint_contradicting_flags_is_one_line(tmp_path, small_d
     proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained-checkpoint", "llama", "--hidden-size", "64",
                            "--segment-length", "16", "--tail-length", "4", "--long-range-layers", "1"],
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "hidden_size=64 is invalid: the pretrained checkpoint llama has hidden_size=32" in lines[0]
 
