@@ -173,6 +173,7 @@ def build_datasets(cfg: PretrainConfig, blend: list[str], tokenizer):
             split=cfg.split,
             seed=cfg.seed,
             path_to_cache=cfg.data_cache_path,
+            eod_mask_loss=cfg.eod_mask_loss,
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"data_path={cfg.data_path!r} is invalid: {exc}") from None

@@ -127,6 +127,12 @@ class PretrainConfig:
     data_path: list[str] = _f([], "megatron blend: prefix ... or weight prefix ... (default: the default dataset)", "data")
     default_data_dir: str = _f("data/default", "where the default dataset is prepared when no data_path is given", "data")
     split: str = _f("98,2,0", "train,valid,test split of the data", "data")
+    reset_attention_mask: bool = _f(
+        False, "documents are the unit of state: after an EOD the next token starts a fresh segment grid (no carried "
+        "tail, an empty retrieval pool, positions from 0), so a packed document trains as if alone", "data")
+    reset_position_ids: bool = _f(False, "positions restart after an EOD; under segmented execution this is "
+                                  "--reset-attention-mask (both restart together)", "data")
+    eod_mask_loss: bool = _f(False, "no loss on predicting the token after an EOD", "data")
     tokenizer_model: str | None = _f(
         None, "sentencepiece .model file, or a Hugging Face tokenizer (a directory with tokenizer.json, or the file) "
         "(default: the pretrained checkpoint's, else the default dataset's)", "data")
@@ -209,6 +215,10 @@ class PretrainConfig:
                   f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.eval_iters < 0:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if self.reset_position_ids != self.reset_attention_mask:
+            _fail("reset_position_ids", self.reset_position_ids,
+                  f"must equal reset_attention_mask ({self.reset_attention_mask}): a document restarts its segment "
+                  "state and its positions together; pass both --reset-position-ids and --reset-attention-mask")
         if self.log_segment_stats_interval < 0:
             _fail("log_segment_stats_interval", self.log_segment_stats_interval, "must be >= 0 (0 = never)")
         if self.max_consecutive_skipped_steps < 0:

@@ -69,10 +69,55 @@ def get_batch(dataset, first_sample: int, count: int, seq_length: int):
 
 def rank_microbatches(dataset, consumed: int, cfg):
     """This DP rank's micro-batches of the global batch that starts at sample ``consumed``
-    (``cfg``: a PretrainConfig)."""
+    (``cfg``: a PretrainConfig). With document reset (``cfg.reset_attention_mask``) they are
+    its documents, one per row (`document_microbatches`)."""
     per_rank = cfg.global_batch_size // data_parallel_size()
     start = consumed + data_parallel_rank() * per_rank
-    return [
+    batches = [
         get_batch(dataset, start + m, cfg.micro_batch_size, cfg.seq_length)
         for m in range(0, per_rank, cfg.micro_batch_size)
     ]
+    if getattr(cfg, "reset_attention_mask", False):
+        batches = document_microbatches(batches, eod_of(dataset), cfg.micro_batch_size)
+    return batches
+
+
+def eod_of(dataset) -> int:
+    """The end-of-document id of a megatron GPT dataset (its tokenizer's eod)."""
+    tokenizer = getattr(getattr(dataset, "config", None), "tokenizer", None)
+    eod = getattr(tokenizer, "eod", None)
+    if eod is None:
+        raise ConfigError("reset_attention_mask=True is invalid for this dataset: its tokenizer names no eod token")
+    return int(eod)
+
+
+def document_microbatches(microbatches, eod: int, rows: int, pad_id: int = 0):
+    """Packed samples -> documents as rows (docs/semantics.md, documents).
+
+    A document ends with an EOD (the sample's first document may have begun in the previous
+    sample, its last may go on in the next: each is a document here). Each becomes a row of
+    the sample's length starting at position 0, so the segmented engines run it from an
+    empty state (no tail, no pool, positions from 0) exactly as if alone; a row's padding
+    comes after its tokens and has no labels, so it changes no logit or loss. Labels travel
+    with their tokens (the EOD still predicts the next document's first token unless
+    ``eod_mask_loss`` masked it). Rows are regrouped ``rows`` at a time (the last group
+    filled with empty rows), so every micro-batch keeps the shape [rows, T] that the
+    pipeline and context-parallel engines exchange; their number varies with the data.
+    """
+    docs_t, docs_l = [], []
+    for tokens_BT, labels_BT in microbatches:
+        T = tokens_BT.shape[1]
+        for t, lab in zip(tokens_BT, labels_BT):
+            ends = (torch.nonzero(t == eod).flatten() + 1).tolist()
+            bounds = [0] + [e for e in ends if e < T] + [T]
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                row_t = t.new_full((T,), pad_id)
+                row_l = lab.new_full((T,), -100)
+                row_t[: e - s] = t[s:e]
+                row_l[: e - s] = lab[s:e]
+                docs_t.append(row_t)
+                docs_l.append(row_l)
+    while len(docs_t) % rows:
+        docs_t.append(docs_t[0].new_full(docs_t[0].shape, pad_id))
+        docs_l.append(docs_l[0].new_full(docs_l[0].shape, -100))
+    return [(torch.stack(docs_t[i : i + rows]), torch.stack(docs_l[i : i + rows])) for i in range(0, len(docs_t), rows)]
