@@ -26,7 +26,7 @@ setup(
         # triton: its interpreter runs the fused attention kernel's tests on CPU.
         # deepspeed: a 15 s install with no version changes to the pinned packages; its ZeRO tests
         # run on CPU over gloo.
-        "test": ["pytest", "transformers", "triton", "lm-eval[hf]", "deepspeed==0.19.8"],
+        "test": ["pytest", "transformers", "triton", "lm-eval[hf]", "deepspeed==0.19.8", "zstandard==0.25.0"],
         # Evaluation: lm-evaluation-harness on exports (HF backend); plots and progress bars
         # of tools/evaluate.py (both optional at run time).
         "eval": ["lm-eval[hf]", "transformers", "matplotlib", "tqdm"],
@@ -35,6 +35,8 @@ setup(
         # Optional GPU speed-ups. apex is not needed: megatron-core falls back to torch
         # implementations, and apex is built from source rather than installed from PyPI.
         "gpu": ["transformer-engine", "triton", "deepspeed"],
+        # tools/preprocess_data.py inputs: parquet, Hugging Face datasets folders, .jsonl.zst.
+        "data": ["pyarrow", "datasets", "zstandard"],
         # DeepSpeed ZeRO-1/2 (--deepspeed); runs on CPU over gloo as well.
         "deepspeed": ["deepspeed==0.19.8"],
     },

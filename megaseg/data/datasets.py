@@ -112,11 +112,24 @@ def _check_prefixes(prefixes: Sequence[str]) -> None:
                 raise FileNotFoundError(f"indexed dataset file not found: {prefix}{suffix}")
 
 
-def _check_splits(prefixes: Sequence[str], split: str) -> None:
-    """Refuse a split with a positive share that gets no documents.
+_SPLIT_NAMES = ("train", "valid", "test")
 
-    megatron-core carves splits by whole documents, and a GPTDataset with no tokens loops
-    forever looking for enough epochs to fill even zero samples.
+
+def _suggest_split(documents: int, wanted: Sequence[bool]) -> str | None:
+    """A split string giving each wanted split at least one of ``documents`` (train the rest)."""
+    others = sum(wanted[1:])
+    if documents < 1 + others:
+        return None
+    return ",".join([str(documents - others)] + ["1" if w else "0" for w in wanted[1:]])
+
+
+def _check_splits(prefixes: Sequence[str], split: str, num_samples: Sequence[int | None]) -> list[int]:
+    """Refuse a split that leaves a split samples are requested from without documents.
+
+    megatron-core carves splits by whole documents, and a GPTDataset with no documents
+    either fails deep inside megatron or loops forever looking for enough epochs to fill
+    even zero samples. Returns the splits with a positive share that some dataset leaves
+    empty while no samples are requested from them: the caller builds those as None.
     """
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
@@ -124,17 +137,38 @@ def _check_splits(prefixes: Sequence[str], split: str) -> None:
     )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError) as exc:
+        raise ValueError(f"split={split!r} is invalid: give three comma-separated weights such as 98,2,0 ({exc})") from None
+    counts = {}
     for prefix in prefixes:
         indexed = IndexedDataset(prefix)
-        documents = len(indexed.sequence_lengths)
+        counts[prefix] = len(indexed.document_indices) - 1
         del indexed  # closes its mmap
-        for name, bounds in zip(("train", "valid", "test"), matrix):
-            if bounds is not None and round(bounds[0] * documents) == round(bounds[1] * documents):
-                raise ValueError(
-                    f"{prefix} has {documents} documents: split={split!r} leaves the {name} split "
-                    f"with none; give {name} a larger share, a share of 0, or add documents"
-                )
+    wanted = [bounds is not None and samples != 0 for bounds, samples in zip(matrix, num_samples)]
+    dropped = []
+    for prefix, documents in counts.items():
+        for i, (name, bounds) in enumerate(zip(_SPLIT_NAMES, matrix)):
+            if bounds is None or round(bounds[0] * documents) != round(bounds[1] * documents):
+                continue
+            if not wanted[i]:
+                if i not in dropped:
+                    dropped.append(i)
+                continue
+            suggestion = _suggest_split(min(counts.values()), [True] + wanted[1:])
+            fixes = []
+            if suggestion and any(wanted[1:]):
+                fixes.append(f"--split {suggestion} (at least one document per split)")
+            if not wanted[2]:
+                fixes.append("--split 100,0,0" + (" with --eval-iters 0 (no validation)" if wanted[1] else ""))
+            asked = (f"one epoch of {name} samples is" if num_samples[i] is None
+                     else f"{num_samples[i]} {name} samples are")
+            raise ValueError(
+                f"{prefix} has {documents} documents: split={split!r} leaves the {name} split with none, "
+                f"but {asked} requested; pass {' or '.join(fixes) if fixes else 'more documents'}"
+            )
+    return dropped
 
 
 def build_train_valid_datasets(
@@ -150,7 +184,8 @@ def build_train_valid_datasets(
     reset_attention_mask: bool = False,
     create_attention_mask: bool = False,
 ) -> GPTDatasets:
-    """Build the train, valid and test GPTDatasets (None for a split with zero weight).
+    """Build the train, valid and test GPTDatasets (None for a split with zero weight, or
+    one that gets no documents and no samples).
 
     Args:
         data: data prefix(es) written by preprocessing, or a weighted blend
@@ -171,7 +206,7 @@ def build_train_valid_datasets(
     prefixes, weights = parse_blend(data)
     _check_prefixes(prefixes)
     ensure_helpers()
-    _check_splits(prefixes, split)
+    empty = _check_splits(prefixes, split, num_samples)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -188,5 +223,7 @@ def build_train_valid_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask,
     )
+    for i in empty:  # no documents and no samples asked for: build no dataset rather than loop
+        config.split_matrix[i] = None
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
     return GPTDatasets(*builder.build())

@@ -1,30 +1,44 @@
-"""JSONL documents -> megatron-core indexed datasets (.bin/.idx), one per JSON key.
+"""Documents -> megatron-core indexed datasets (.bin/.idx), one per JSON key.
 
 Output naming follows Megatron-LM's tools/preprocess_data.py: key `text` with prefix
 `out/corpus` writes `out/corpus_text_document.bin` and `.idx`, and
-`out/corpus_text_document` is the data prefix that training reads. Each JSON line is one
-document, stored as one sequence; `append_eod` ends it with the tokenizer's eod id.
-The input is checked in full (JSON syntax, keys, string values) before any tokenizing, so
-a bad line fails fast; files are written under temporary names and renamed once
-complete, so a failed run leaves no half-written dataset behind.
+`out/corpus_text_document` is the data prefix that training reads. Each document is
+stored as one sequence; `append_eod` ends it with the tokenizer's eod id.
+
+The input is one or several files, directories or globs in any format
+`megaseg.data.sources` reads (JSONL plain/.gz/.zst, JSON arrays, .txt, parquet, Hugging
+Face datasets). An input of at most `PRECHECK_BYTES` on disk is checked in full (JSON
+syntax, keys, string values) before any tokenizing, so a bad line fails fast; a larger
+one is checked while it streams. Either way files are written under temporary names and
+renamed once complete, so a failed run leaves no half-written dataset behind.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
+import sys
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaseg.data.tokenizer import SentencePieceTokenizer, validate_tokenizer
+from megaseg.data.sources import (
+    DataError,
+    count_documents,
+    describe,
+    iter_documents,
+    resolve_inputs,
+    total_bytes,
+)
+from megaseg.data.tokenizer import load_tokenizer, validate_tokenizer
+
+__all__ = ["DataError", "PreprocessResult", "check_input", "output_prefix_for", "preprocess", "preprocess_jsonl"]
 
 _BATCH = 32
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) and what is wrong."""
+PRECHECK_BYTES = 64 << 20
+"""Inputs up to this size on disk are validated in full before tokenizing."""
 
 
 @dataclass
@@ -41,26 +55,9 @@ def output_prefix_for(output_prefix: str | Path, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def _read_documents(path: Path, keys: Sequence[str]) -> Iterator[tuple[str, ...]]:
-    """Yield one tuple of texts (one per key) per non-blank JSON line; DataError on bad lines."""
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            texts = []
-            for key in keys:
-                if key not in record:
-                    raise DataError(f"{path}:{lineno}: no key {key!r} (keys: {', '.join(sorted(record))})")
-                if not isinstance(record[key], str):
-                    raise DataError(f"{path}:{lineno}: {key!r} is {type(record[key]).__name__}, expected a string")
-                texts.append(record[key])
-            yield tuple(texts)
+def _read_documents(path: str | Path, keys: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    """One tuple of texts (one per key) per document of ``path``; DataError on bad input."""
+    return iter_documents(resolve_inputs(path), keys)
 
 
 def _batches(documents: Iterator[tuple[str, ...]]) -> Iterator[list[tuple[str, ...]]]:
@@ -74,12 +71,12 @@ def _batches(documents: Iterator[tuple[str, ...]]) -> Iterator[list[tuple[str, .
         yield batch
 
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer = None
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(model_path: str, tokenizer_type: str | None = None) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(model_path)
+    _worker_tokenizer = load_tokenizer(model_path, tokenizer_type)
 
 
 def _encode_batch(batch: list[tuple[str, ...]]) -> list[list[list[int]]]:
@@ -89,31 +86,127 @@ def _encode_batch(batch: list[tuple[str, ...]]) -> list[list[list[int]]]:
     return [list(per_key) for per_key in zip(*encoded)]
 
 
-def check_input(path: str | Path, json_keys: Sequence[str] = ("text",)) -> int:
-    """Number of documents in a JSONL file; DataError if it is missing, empty or malformed."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"input not found: {path}")
-    if not path.is_file():
-        raise DataError(f"input is not a file: {path}")
-    try:
-        documents = sum(1 for _ in _read_documents(path, json_keys))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if documents == 0:
-        raise DataError(f"input is empty: {path} has no documents")
-    return documents
+class _Encoder:
+    """Encodes batches in order, in this process or in ``workers`` forked processes.
+
+    Batches are read here, in the calling thread (so a bad document raises where it is
+    read), and at most a few per worker are in flight.
+    """
+
+    def __init__(self, model_path: str, tokenizer_type: str | None, workers: int):
+        self.pool = None
+        self.workers = workers
+        if workers > 1:
+            self.pool = multiprocessing.get_context("fork").Pool(
+                workers, initializer=_init_worker, initargs=(model_path, tokenizer_type)
+            )
+        else:
+            _init_worker(model_path, tokenizer_type)
+
+    def encode(self, batches: Iterator[list[tuple[str, ...]]]) -> Iterator[tuple[int, list[list[list[int]]]]]:
+        """(documents in the batch, per document per key token ids) for every batch."""
+        if self.pool is None:
+            for batch in batches:
+                yield len(batch), _encode_batch(batch)
+            return
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((len(batch), self.pool.apply_async(_encode_batch, (batch,))))
+            if len(pending) >= 4 * self.workers:
+                size, result = pending.popleft()
+                yield size, result.get()
+        while pending:
+            size, result = pending.popleft()
+            yield size, result.get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+class _Progress:
+    """Documents and tokens per second on stderr: a tqdm bar when tqdm is importable, else
+    a plain line every ``interval`` seconds. ``enabled=None``: only when stderr is a TTY."""
+
+    def __init__(self, enabled: bool | None, total: int | None = None, interval: float = 5.0, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        if enabled is None:
+            isatty = getattr(self.stream, "isatty", None)
+            enabled = bool(isatty and isatty())
+        self.enabled = enabled
+        self.interval = interval
+        self.documents = self.tokens = 0
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, unit=" documents", file=self.stream, dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, documents: int, tokens: int) -> None:
+        if not self.enabled:
+            return
+        self.documents += documents
+        self.tokens += tokens
+        now = time.monotonic()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            if now - self.last >= 1.0:
+                self.bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+                self.last = now
+            self.bar.update(documents)
+        elif now - self.last >= self.interval:
+            self.last = now
+            elapsed = now - self.start
+            print(
+                f"preprocess: {self.documents:,} documents, {self.tokens:,} tokens in {elapsed:.0f}s "
+                f"({self.documents / elapsed:,.0f} documents/s, {rate:,.0f} tokens/s)",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self, success: bool) -> None:
+        if self.bar is not None:
+            self.bar.leave = success  # on failure, clear the bar so the error line stands alone
+            self.bar.close()
+            self.bar = None
+
+
+def check_input(
+    inputs: str | Path | Sequence[str | Path], json_keys: Sequence[str] = ("text",), split: str | None = None
+) -> int:
+    """Number of documents in one or several inputs (files, directories, globs), reading all of
+    them once without keeping them; DataError if one is missing, empty or malformed."""
+    return count_documents(resolve_inputs(inputs, split), json_keys)
 
 
 def preprocess_jsonl(
-    input_path: str | Path,
+    input_path: str | Path | Sequence[str | Path],
     tokenizer_model: str | Path,
     output_prefix: str | Path,
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = True,
     workers: int = 1,
+    tokenizer_type: str | None = None,
+    append_bos: bool = False,
+    *,
+    split: str | None = None,
+    progress: bool | None = False,
 ) -> PreprocessResult:
-    """Tokenize every document of a JSONL file into one indexed dataset per key.
+    """Tokenize every document of one or several inputs into one indexed dataset per key.
+
+    ``input_path`` is a path (file, directory or glob; see `megaseg.data.sources`) or a list
+    of them, read in order. ``tokenizer_model`` is a sentencepiece ``.model`` or a Hugging
+    Face tokenizer (a directory with ``tokenizer.json``, or that file); ``append_bos``
+    starts every document with the tokenizer's bos (an error when it has none),
+    ``append_eod`` ends it with eod. ``split`` picks the split of a DatasetDict or a
+    Hub-style folder (default train). ``progress`` writes a progress line to stderr (None:
+    when stderr is a TTY).
 
     Raises DataError (input) or TokenizerError (model) with a one-line message.
     """
@@ -121,9 +214,18 @@ def preprocess_jsonl(
         raise DataError("json_keys is empty: name at least one key, e.g. text")
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
-    input_path = Path(input_path)
-    check_input(input_path, json_keys)
-    tokenizer = validate_tokenizer(tokenizer_model, require_byte_fallback=False)
+    json_keys = list(json_keys)
+    sources = resolve_inputs(input_path, split)
+    total = None
+    if total_bytes(sources) <= PRECHECK_BYTES:
+        total = count_documents(sources, json_keys)
+    tokenizer = validate_tokenizer(tokenizer_model, require_byte_fallback=False, tokenizer_type=tokenizer_type)
+    bos = None
+    if append_bos:
+        try:
+            bos = tokenizer.bos
+        except AttributeError as exc:
+            raise DataError(f"append_bos=True is invalid: {exc}") from None
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -134,31 +236,30 @@ def preprocess_jsonl(
     temporary = {key: f"{prefix}.tmp{os.getpid()}" for key, prefix in final.items()}
     builders = {key: IndexedDatasetBuilder(f"{temporary[key]}.bin", dtype=dtype) for key in json_keys}
     eod = tokenizer.eod
-    pool = None
+    encoder = None
+    meter = _Progress(progress, total)
+    success = False
     try:
-        batches = _batches(_read_documents(input_path, json_keys))
-        if workers > 1:
-            pool = multiprocessing.get_context("fork").Pool(
-                workers, initializer=_init_worker, initargs=(str(tokenizer_model),)
-            )
-            encoded_batches = pool.imap(_encode_batch, batches)
-        else:
-            _init_worker(str(tokenizer_model))
-            encoded_batches = map(_encode_batch, batches)
+        encoder = _Encoder(str(tokenizer_model), tokenizer_type, workers)
         tokens = {key: 0 for key in json_keys}
-        for encoded in encoded_batches:
+        for size, encoded in encoder.encode(_batches(iter_documents(sources, json_keys))):
+            batch_tokens = 0
             for per_key in encoded:
+                if bos is not None:
+                    per_key = [[bos] + ids if ids else ids for ids in per_key]
                 if append_eod:
-                    per_key = [ids + [eod] for ids in per_key]
+                    per_key = [ids + [eod] if len(ids) > (bos is not None) else ids for ids in per_key]
                 if any(len(ids) == 0 for ids in per_key):
                     result.skipped_empty += 1
                     continue
                 for key, ids in zip(json_keys, per_key):
                     builders[key].add_document(ids, [len(ids)])
                     tokens[key] += len(ids)
+                    batch_tokens += len(ids)
                 result.documents += 1
+            meter.update(size, batch_tokens)
         if result.documents == 0:
-            raise DataError(f"input has no non-empty documents: {input_path}")
+            raise DataError(f"input has no non-empty documents: {describe(sources)}")
         for key, builder in builders.items():
             builder.finalize(f"{temporary[key]}.idx")
         for key in json_keys:
@@ -166,13 +267,18 @@ def preprocess_jsonl(
                 os.replace(f"{temporary[key]}{suffix}", f"{final[key]}{suffix}")
         result.prefixes = final
         result.tokens = tokens
+        success = True
         return result
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        meter.close(success)
+        if encoder is not None:
+            encoder.close()
         for key, builder in builders.items():
             if not builder.data_file.closed:
                 builder.data_file.close()
             for suffix in (".bin", ".idx"):
                 Path(f"{temporary[key]}{suffix}").unlink(missing_ok=True)
+
+
+preprocess = preprocess_jsonl
+"""The same function under a name that does not suggest JSONL only."""

@@ -43,6 +43,7 @@ PRETRAIN = dict(
     deepspeed=False,
     deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",
     data_path=["0.5", "a_text_document", "0.5", "b_text_document"], default_data_dir="elsewhere", split="90,5,5",
+    reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True,
     tokenizer_model="tok.model", tokenizer_type="SentencePieceTokenizer", data_cache_path="cache", save="out", save_interval=10, load="in",
     no_load_optim=True, no_load_rng=True, override_opt_param_scheduler=True, pretrained_checkpoint="llama",
     exit_signal_handler=False, exit_interval=20, exit_duration_in_mins=90.0, log_interval=2,

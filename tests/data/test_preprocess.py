@@ -1,4 +1,4 @@
-"""JSONL -> .bin/.idx through megatron-core's IndexedDatasetBuilder, and back."""
+"""JSONL -> .bin/.idx through megatron-core's IndexedDatasetBuilder, and back (other formats: test_sources.py)."""
 
 import json
 
@@ -85,7 +85,7 @@ def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer, capsys):
     assert stored == [tokenizer.tokenize(t) + [tokenizer.eod] for t in ASCII_DOCS]
 
 
-def test_cli_errors_are_one_line_messages_with_nonzero_exit(tmp_path, tokenizer):
+def test_cli_errors_are_one_line_messages_with_exit_status_2(tmp_path, tokenizer):
     good = _jsonl(tmp_path / "good.jsonl", ['{"text": "fine"}'])
     empty = _jsonl(tmp_path / "empty.jsonl", [])
     bad = _jsonl(tmp_path / "bad.jsonl", ['{"text": "one"}', '{"text": "two"}', '{"text": "three",}'])
@@ -105,12 +105,24 @@ def test_cli_errors_are_one_line_messages_with_nonzero_exit(tmp_path, tokenizer)
         ),
         "missing tokenizer": (
             ["--input", good, "--tokenizer-model", str(tmp_path / "none.model")],
-            f"tokenizer model not found: {tmp_path / 'none.model'}",
+            f"tokenizer not found: {tmp_path / 'none.model'}",
         ),
     }
     for case, (args, message) in cases.items():
         ran = run_tool("preprocess_data", *args, "--output-prefix", str(tmp_path / "out"))
-        assert ran.returncode == 1, case
+        assert ran.returncode == 2, case
         assert ran.stderr.strip() == f"preprocess_data.py: error: {message}", case
         assert ran.stdout == "", case
     assert not list(tmp_path.glob("out*"))
+
+
+def test_check_input_takes_several_inputs_and_directories(tmp_path):
+    from megaseg.data.preprocess import preprocess
+
+    assert preprocess is preprocess_jsonl
+    write_jsonl(ASCII_DOCS, tmp_path / "a.jsonl")
+    (tmp_path / "more").mkdir()
+    write_jsonl(ASCII_DOCS[:2], tmp_path / "more" / "b.jsonl")
+    (tmp_path / "more" / "c.txt").write_text("one document")
+    assert check_input([tmp_path / "a.jsonl", tmp_path / "more"]) == len(ASCII_DOCS) + 3
+    assert check_input(str(tmp_path / "*.jsonl")) == len(ASCII_DOCS)
