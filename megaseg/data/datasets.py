@@ -140,7 +140,9 @@ def _check_splits(prefixes: Sequence[str], split: str, num_samples: Sequence[int
     try:
         matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     except (AssertionError, ValueError) as exc:
-        raise ValueError(f"split={split!r} is invalid: give three comma-separated weights such as 98,2,0 ({exc})") from None
+        raise ValueError(
+            f"split={split!r} is invalid: give three comma-separated weights such as 98,2,0 ({exc})"
+        ) from None
     counts = {}
     for prefix in prefixes:
         indexed = IndexedDataset(prefix)
