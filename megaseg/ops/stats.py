@@ -36,10 +36,11 @@ def active() -> "SegmentStats | None":
 
 
 @contextlib.contextmanager
-def recording():
-    """Record segment statistics of everything run inside the block."""
+def recording(keep_picks: bool = False):
+    """Record segment statistics of everything run inside the block; with ``keep_picks``
+    also every retrieval's picked token positions (`SegmentStats.picks`)."""
     global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, SegmentStats()
+    previous, _ACTIVE = _ACTIVE, SegmentStats(keep_picks)
     try:
         yield _ACTIVE
     finally:
@@ -47,7 +48,11 @@ def recording():
 
 
 class SegmentStats:
-    def __init__(self):
+    def __init__(self, keep_picks: bool = False):
+        # (layer, KV group) -> [(segment served [C], picked positions [B, C, R] with -1 for
+        # no pick)], one entry per operator call; only with keep_picks.
+        self.keep_picks = keep_picks
+        self.picks: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.distances: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
         self.margins: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
         self.mass: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # prefix, segment, n
@@ -64,6 +69,9 @@ class SegmentStats:
         valid_CR = torch.arange(R, device=count_C.device)[None, :] < count_C[:, None]
         dist_BGCR = segment_C[None, None, :, None] - torch.div(indices_BGCR, segment_length, rounding_mode="floor")
         for i, g in enumerate(groups):
+            if self.keep_picks:
+                picked = indices_BGCR[:, i].masked_fill(~valid_CR.expand_as(indices_BGCR[:, i]), -1)
+                self.picks[(layer, g)].append((segment_C.cpu(), picked.cpu()))
             d = dist_BGCR[:, i][valid_CR.expand_as(dist_BGCR[:, i])]
             self.distances[(layer, g)].append(d.float().cpu())
             m = margin_BGC[:, i].flatten()

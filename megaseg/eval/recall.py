@@ -1,0 +1,177 @@
+"""Recall on planted documents, and why it succeeds or fails: accuracy with the retrieval hit rate.
+
+The documents are those `tools/make_recall_data.py` writes (an indexed dataset and its
+``_needles.jsonl`` sidecar, usually its held-out ``--split eval``). For every answer of every
+document:
+
+* **correct**: the model's argmax at each answer position (teacher forced: the prediction
+  of answer token t is made at t - 1 with the true prefix, as greedy decoding would give
+  for the first wrong token) equals the answer;
+* **reach**: whether the needle (the value tokens the answer copies) lies in the segment
+  that produces the answer or in the tail a `local` head carries (M tokens before it): then
+  no retrieval is needed;
+* **retrieved**, per retrieval (layer, KV group) and for any of them: every value token of
+  the needle is among the tokens the operator's top-R picked for that segment, read from
+  the operator's own retrieval indices (`megaseg.ops.stats.recording(keep_picks=True)`).
+
+So a failure reads as "never retrieved" (selection) or "retrieved but not used" (the
+attention over the prefix), and a success outside the local reach shows which head carried it.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megaseg.config import ConfigError
+from megaseg.eval.modes import InferenceMode, installed
+from megaseg.ops import stats
+
+
+@dataclass
+class Answer:
+    start: int  # answer tokens [start, end) of the document
+    end: int
+    needle: list[int]  # token positions of the needle's value tokens (what the answer copies)
+
+
+@dataclass
+class RecallDocument:
+    ids: list[int]
+    task: str
+    gap_segments: int | None
+    answers: list[Answer]
+
+
+def _needle_fields(record: dict) -> list[dict]:
+    return [f for n in record.get("needles") or [] if n.get("role") == "target" for f in n.get("fields") or []]
+
+
+def answers_of(record: dict) -> list[Answer]:
+    """Each answer span with the positions of the needle value it copies: the target needle's
+    value field of the same text (for MQAR: the value paired with the queried key)."""
+    fields = _needle_fields(record)
+    out = []
+    spans = record.get("answers") or ([record["answer"]] if record.get("answer") else [])
+    if record.get("task") == "mqar":
+        pairs = {}
+        for key, value in zip(fields[0::2], fields[1::2]):
+            pairs[key["text"]] = value
+        queries = [f for f in record["question"]["fields"] if f["name"] == "key"]
+        for key, span in zip(queries, spans):
+            value = pairs.get(key["text"])
+            if value is not None:
+                out.append(Answer(span["start"], span["end"], list(range(value["start"], value["end"]))))
+        return out
+    values = [f for f in fields if f.get("name") == "value"]
+    for span in spans:
+        text = span["text"].strip().rstrip(".")
+        match = [f for f in values if f["text"].strip().rstrip(".") == text]
+        if match:
+            out.append(Answer(span["start"], span["end"], list(range(match[-1]["start"], match[-1]["end"]))))
+    return out
+
+
+def load_recall_documents(prefix: str | Path, limit: int | None = None) -> list[RecallDocument]:
+    """Documents of a recall dataset: ``prefix`` is the ``--output-prefix`` given to
+    make_recall_data.py (reads ``<prefix>_text_document`` and ``<prefix>_needles.jsonl``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = str(prefix)
+    sidecar = Path(prefix + "_needles.jsonl")
+    data = prefix + "_text_document"
+    if not sidecar.is_file() or not Path(data + ".idx").is_file():
+        raise ConfigError(f"recall data {prefix!r} is invalid: expected {data}.bin/.idx and {sidecar} "
+                          "(written by tools/make_recall_data.py --output-prefix PREFIX)")
+    indexed = IndexedDataset(data)
+    docs = []
+    with open(sidecar) as fh:
+        for i, line in enumerate(fh):
+            if limit is not None and len(docs) >= limit:
+                break
+            record = json.loads(line)
+            if record.get("task") == "haystack":
+                continue
+            ids = indexed[record["doc"]].tolist()
+            docs.append(RecallDocument(ids, record["task"], record.get("gap_segments"), answers_of(record)))
+    return docs
+
+
+@dataclass
+class RecallResult:
+    mode: str
+    length: int
+    documents: int
+    answers: int
+    accuracy: float  # answers whose every token is the argmax
+    outside_reach: int  # answers whose needle is beyond the segment and the carried tail
+    accuracy_outside_reach: float
+    hit_rate: float  # of answers outside reach: needle retrieved by at least one retrieval head
+    hit_rate_per_head: dict[str, float] = field(default_factory=dict)
+    # answers outside reach: correct/wrong x retrieved/not retrieved
+    table: dict[str, int] = field(default_factory=dict)
+
+
+def _picked(rec: stats.SegmentStats, batch_row: int = 0) -> dict[tuple[int, int], dict[int, set[int]]]:
+    """(layer, group) -> {segment served: positions picked} of one recorded forward."""
+    out: dict[tuple[int, int], dict[int, set[int]]] = defaultdict(dict)
+    for head, calls in rec.picks.items():
+        for segment_C, picked_BCR in calls:
+            for c, seg in enumerate(segment_C.tolist()):
+                out[head][seg] = {p for p in picked_BCR[batch_row, c].tolist() if p >= 0}
+    return out
+
+
+@torch.no_grad()
+def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument]) -> RecallResult:
+    """Accuracy and hit rate of ``model`` run in ``mode`` (one forward over each document,
+    equal to prefill and decode by the consistency invariant)."""
+    if not documents:
+        raise ConfigError("no recall documents to evaluate")
+    cfg = model.config
+    seg = mode.segment or cfg.segment
+    S, M = seg.segment_length, seg.tail_length
+    correct = total = outside = outside_correct = hits = 0
+    per_head: dict[str, int] = defaultdict(int)
+    table = {"correct_retrieved": 0, "correct_not_retrieved": 0, "wrong_retrieved": 0, "wrong_not_retrieved": 0}
+    length = max(len(d.ids) for d in documents)
+    plan = mode.head_plan or cfg.head_plan
+    with installed(model, mode):
+        for i, layer in enumerate(model.model.layers):  # where each core reports its picks
+            layer.self_attn.core.layer_index = i
+        for doc in documents:
+            ids = torch.tensor([doc.ids])
+            with stats.recording(keep_picks=True) as rec:
+                logits = model(ids)[0][0]
+            pred = logits.argmax(-1)
+            picks = _picked(rec)
+            for ans in doc.answers:
+                ok = bool((pred[ans.start - 1 : ans.end - 1] == ids[0, ans.start : ans.end]).all())
+                total += 1
+                correct += ok
+                if mode.kind != "megaseg":
+                    continue
+                producing = (ans.start - 1) // S  # the segment whose queries predict the first answer token
+                reach_start = producing * S - M if M else producing * S
+                if min(ans.needle) >= reach_start:
+                    continue
+                outside += 1
+                outside_correct += ok
+                got = False
+                for (layer, group), by_segment in picks.items():
+                    chosen = by_segment.get(producing, set())
+                    if all(p in chosen for p in ans.needle):
+                        per_head[f"layer{layer}_group{group}"] += 1
+                        got = True
+                hits += got
+                table[f"{'correct' if ok else 'wrong'}_{'retrieved' if got else 'not_retrieved'}"] += 1
+    heads = sorted({f"layer{l}_group{g}" for l, row in enumerate(plan.modes)
+                    for g, m in enumerate(row) if m == "retrieval"}) if mode.kind == "megaseg" else []
+    return RecallResult(
+        mode=mode.name, length=length, documents=len(documents), answers=total, accuracy=correct / max(total, 1),
+        outside_reach=outside, accuracy_outside_reach=outside_correct / outside if outside else float("nan"),
+        hit_rate=hits / outside if outside else float("nan"),
+        hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table)

@@ -1,0 +1,83 @@
+"""The retrieval hit rate reads the operator's own picks: 1.0 when the needle is the
+top-scoring key of every retrieval head, 0.0 when it cannot be picked; and recall datasets
+load with every answer tied to the needle it copies."""
+import pytest
+import torch
+
+from megaseg.config import HeadPlan, ModelConfig, SegmentConfig
+from megaseg.eval.modes import InferenceMode
+from megaseg.eval.recall import Answer, RecallDocument, load_recall_documents, recall_accuracy
+from megaseg.models.llama import SegmentedLlamaForCausalLM
+
+V, S, M, R = 40, 8, 2, 2
+NEEDLE = (30, 31)  # two planted tokens, far before the question
+
+
+def _planted_model(needle_sign: float):
+    """One layer: group 0 `local`, group 1 `retrieval`. Every token's embedding has +3 on
+    hidden dim 0, the needle tokens are pure ``needle_sign`` x dim 0; queries and keys read dim
+    0 only, so the score of a pool token is (its dim 0) x (the segment-end query's dim 0)."""
+    cfg = ModelConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                      segment=SegmentConfig(S, M, R, 1), head_plan=HeadPlan((("local", "retrieval"),)))
+    model = SegmentedLlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb = torch.randn(V, 16, generator=g)
+        emb[:, 0] = 3.0
+        for t in NEEDLE:
+            emb[t] = 0
+            emb[t, 0] = 4.0 * needle_sign
+        model.model.embed_tokens.weight.copy_(emb)
+        attn = model.model.layers[0].self_attn
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.zero_()
+            for head in range(2):
+                proj.weight[head * 8, 0] = 1.0
+    return model
+
+
+def _document():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (40,), generator=g).tolist()  # 5 segments of 8
+    ids[3:5] = NEEDLE  # in segment 0
+    ids[33:35] = NEEDLE  # the answer, produced in segment 4 (positions 32, 33): 3 segments later
+    return RecallDocument(ids, "planted", 3, [Answer(33, 35, [3, 4])])
+
+
+@pytest.mark.parametrize("sign, expected", [(1.0, 1.0), (-1.0, 0.0)])
+def test_hit_rate_is_read_from_the_operators_picks(sign, expected):
+    model = _planted_model(sign)
+    result = recall_accuracy(model, InferenceMode("megaseg"), [_document()])
+    assert result.answers == 1 and result.outside_reach == 1
+    assert result.hit_rate == expected
+    assert result.hit_rate_per_head == {"layer0_group1": expected}
+    assert sum(result.table.values()) == 1
+    assert result.table[("correct" if result.accuracy else "wrong") + ("_retrieved" if expected else "_not_retrieved")] == 1
+
+
+def test_an_answer_within_the_tail_needs_no_retrieval():
+    model = _planted_model(1.0)
+    doc = _document()
+    doc.answers = [Answer(13, 15, [3, 4])]  # produced in segment 1: the needle is in the previous segment
+    doc.answers[0].needle = [7]  # within the carried tail (the last M = 2 tokens of segment 0)
+    result = recall_accuracy(model, InferenceMode("megaseg"), [doc])
+    assert result.answers == 1 and result.outside_reach == 0
+
+
+def test_recall_documents_tie_every_answer_to_its_needle(small_data, tmp_path):
+    from tools import make_recall_data
+
+    _, tokenizer = small_data
+    prefix = tmp_path / "recall"
+    assert make_recall_data.main(["--tokenizer-model", tokenizer, "--output-prefix", str(prefix), "--tasks",
+                                  "passkey,mqar,niah_single", "--documents", "12", "--length", "256",
+                                  "--segment-length", "64", "--min-gap-segments", "1", "--max-gap-segments", "2",
+                                  "--haystack-fraction", "0", "--seed", "3"]) == 0
+    docs = load_recall_documents(prefix)
+    assert len(docs) == 12 and {d.task for d in docs} == {"passkey", "mqar", "niah_single"}
+    for doc in docs:
+        assert doc.answers
+        for ans in doc.answers:
+            # the answer copies the needle's value tokens
+            assert [doc.ids[p] for p in ans.needle] == doc.ids[ans.start : ans.end][: len(ans.needle)]
+            assert max(ans.needle) < ans.start
