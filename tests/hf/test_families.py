@@ -95,19 +95,25 @@ def _corpus_texts():
     return [d.text for d in stdlib_documents(max_bytes=300_000)]
 
 
-@pytest.fixture(scope="module")
-def qwen_run(tmp_path_factory):
-    """A Qwen2 model whose tokenizer is only tokenizer.json, its JSONL data tokenized by
-    preprocess_data.py, and a 1-step continued-pretraining run from it at TP 2."""
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_run(request, tmp_path_factory):
+    """A model of the family whose tokenizer is only tokenizer.json (Qwen's: eos = pad, no bos;
+    Mistral's: bos and eos), its JSONL data tokenized by preprocess_data.py, and a 1-step
+    continued-pretraining run from it at TP 2."""
     from tests.checkpoint.conftest import torchrun
     from tools import preprocess_data
 
-    root = tmp_path_factory.mktemp("qwen")
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
     texts = _corpus_texts()
-    hf_tokenizer(root / "hf", texts, vocab_size=300, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")
-    qwen = hf_family("qwen2", seed=4, vocab_size=320)
-    qwen.config.eos_token_id = qwen.config.pad_token_id = 0  # <|endoftext|> is the tokenizer's first id
-    qwen.save_pretrained(root / "hf")
+    model = hf_family(family, seed=4, vocab_size=320)
+    if family == "qwen2":
+        hf_tokenizer(root / "hf", texts, vocab_size=300, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")
+        model.config.eos_token_id = model.config.pad_token_id = 0  # <|endoftext|> is the tokenizer's first id
+    else:
+        hf_tokenizer(root / "hf", texts, vocab_size=300, bos="<s>", eos="</s>")
+        model.config.bos_token_id, model.config.eos_token_id = 0, 1
+    model.save_pretrained(root / "hf")
     with open(root / "data.jsonl", "w") as fh:
         for text in texts[:40]:
             fh.write(json.dumps({"text": text}) + "\n")
@@ -121,10 +127,10 @@ def qwen_run(tmp_path_factory):
              "--tensorboard-dir", "none"]
     run = torchrun(*flags, "--tensor-model-parallel-size", "2", cwd=root)
     assert run.returncode == 0, run.stderr
-    return root, flags, run
+    return family, root, flags, run
 
 
-def test_qwen2_with_hf_tokenizer_continues_pretraining_at_tp2(qwen_run):
+def test_family_with_hf_tokenizer_continues_pretraining_at_tp2(family_run):
     """First-step loss = the transformers-side segmented loss of the same batch; the export's
     logits equal the training checkpoint's forward; its tokenizer gives the run's ids; the base
     model's config fields survive."""
@@ -136,7 +142,7 @@ def test_qwen2_with_hf_tokenizer_continues_pretraining_at_tp2(qwen_run):
     sys.path.insert(0, str(REPO / "pretrain"))
     import pretrain_gpt
 
-    root, flags, run = qwen_run
+    family, root, flags, run = family_run
     first_loss = float(next(l for l in run.stdout.splitlines() if l.startswith("iteration ")).split("| loss ")[1].split()[0])
     cfg, _, _ = pretrain_gpt.apply_pretrained(pretrain_gpt.parse_args(flags))
     tok = HuggingFaceTokenizer(root / "hf")
@@ -161,18 +167,23 @@ def test_qwen2_with_hf_tokenizer_continues_pretraining_at_tp2(qwen_run):
     text = "def main():\n    return 42\n"
     assert AutoTokenizer.from_pretrained(root / "out")(text).input_ids == tok.tokenize(text)
     config = json.loads((root / "out" / "config.json").read_text())
-    assert config["max_position_embeddings"] == 2048 and config["eos_token_id"] == 0 and config["bos_token_id"] is None
-    assert config["megaseg"]["family"] == "qwen2" and config["megaseg"]["qkv_bias"] is True
+    source = json.loads((root / "hf" / "config.json").read_text())
+    for key in ("max_position_embeddings", "eos_token_id", "bos_token_id", "sliding_window"):
+        assert config[key] == source[key], key
+    assert config["megaseg"]["family"] == family and config["megaseg"]["qkv_bias"] is (family == "qwen2")
     assert (root / "ckpt" / "iter_0000001" / "tokenizer.json").is_file()
 
 
-def test_a_tokenizer_that_is_not_the_models_is_refused(qwen_run, small_data, tmp_path):
-    """Another tokenizer beside a Qwen2 checkpoint: one line, exit 2, naming both sides."""
-    root, flags, _ = qwen_run
+def test_a_tokenizer_that_is_not_the_models_is_refused(family_run, small_data, tmp_path):
+    """Another tokenizer beside the checkpoint: one line, exit 2, naming both sides."""
+    family, root, flags, _ = family_run
     _, sp_model = small_data
-    other = hf_tokenizer(tmp_path / "other", _corpus_texts()[:2], vocab_size=300, bos="<s>", eos="</s>")
+    # Qwen2 (eos 0): a tokenizer whose eos is 1; Mistral (bos 0, eos 1): one with no bos.
+    other = hf_tokenizer(tmp_path / "other", _corpus_texts()[:2], vocab_size=300,
+                         bos="<s>" if family == "qwen2" else None, eos="</s>")
+    mismatch, declared = ("its eos id is 1", "eos_token_id=0") if family == "qwen2" else ("its bos id is None", "bos_token_id=0")
     for tokenizer, expected in ((sp_model, "it has 512 tokens, the pretrained checkpoint"),
-                                (other, "its eos id is 1, the pretrained checkpoint")):
+                                (other, f"{mismatch}, the pretrained checkpoint")):
         proc = subprocess.run([sys.executable, str(REPO / "pretrain" / "pretrain_gpt.py"), *flags,
                                "--tokenizer-model", str(tokenizer), "--save", "none"],
                               cwd=root, capture_output=True, text=True, timeout=300,
@@ -180,4 +191,4 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(qwen_run, small_data, tmp
         assert proc.returncode == 2
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and expected in lines[0], lines
-    assert "eos_token_id=0" in lines[0]
+    assert declared in lines[0]

@@ -53,8 +53,8 @@ FAMILIES = {
     "qwen2": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True,
                   max_position_embeddings=2048, use_sliding_window=False, sliding_window=64, max_window_layers=1,
                   bos_token_id=None, eos_token_id=2, pad_token_id=2),
-    # Mistral-7B-v0.1 style: GQA with one KV head, a sliding window (48 tokens here), untied head.
-    "mistral": dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=10000.0, tie_word_embeddings=False,
+    # Mistral-7B-v0.1 style: GQA, a sliding window (48 tokens here), untied head.
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
                     max_position_embeddings=1024, sliding_window=48, bos_token_id=1, eos_token_id=2),
 }
 
