@@ -188,6 +188,18 @@ def load_reference_weights(gpt, state_dict, model_config: ModelConfig) -> None:
         gpt.load_state_dict(shard, strict=True)
 
 
+def override_learning_rates(optimizer, scheduler, cfg: PretrainConfig) -> None:
+    """This run's lr/min_lr into every parameter group of a restored optimizer, then the
+    current rate from the schedule: megatron's scheduler reads a group's own ``max_lr`` and
+    ``min_lr`` before its own, and the restored groups carry the checkpoint run's values."""
+    for group in optimizer.param_groups:
+        if "max_lr" in group:
+            group["max_lr"] = cfg.lr
+        if "min_lr" in group:
+            group["min_lr"] = cfg.min_lr
+    scheduler.step(increment=0)
+
+
 SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_decay_style",
                  "train_iters", "weight_decay", "global_batch_size")
 
@@ -543,6 +555,8 @@ def pretrain(
         hf_fields = hf_fields or loaded.hf
         if cfg.no_load_optim:
             scheduler.step(increment=iteration * cfg.global_batch_size)
+        elif cfg.override_opt_param_scheduler:
+            override_learning_rates(optimizer, scheduler, cfg)
         say(f"resumed from {loaded.path}: iteration {iteration}, {consumed} samples consumed")
         changes = schedule_changes(loaded.args, cfg)
         if changes and not cfg.no_load_optim:

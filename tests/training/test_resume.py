@@ -179,3 +179,20 @@ def test_no_load_optim_keeps_weights_position_and_schedule_but_fresh_optimizer(m
     assert _lrs(log) == _lrs(straight_log)[2:] == pytest.approx([7.75e-3, 3.25e-3])  # the schedule continues
     assert fresh.losses[0] == straight.losses[2]  # same weights and batch: the first loss is identical
     assert fresh.losses[1] != straight.losses[3]  # ... but Adam restarted from zero moments
+
+
+@pytest.mark.parametrize("override", [True, False])
+def test_a_resume_trains_at_the_learning_rate_it_announces(model_parallel, tmp_path, override):
+    """--override-opt-param-scheduler with a new --lr: the logged (and applied) rate is the new
+    one; without the override the checkpoint's schedule continues."""
+    _run(tiny_config(tmp_path, train_iters=2, lr_decay_iters=4))
+    log = io.StringIO()
+    cfg = tiny_config(train_iters=4, lr=5e-4, min_lr=5e-4, lr_decay_style="constant", lr_warmup_iters=0,
+                      load=str(tmp_path / "ckpt"), override_opt_param_scheduler=override)
+    pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, VALID, out=log)
+    if override:
+        assert "learning-rate schedule from this run's flags" in log.getvalue()
+        assert _lrs(log) == pytest.approx([5e-4, 5e-4])
+    else:
+        assert "continues from the checkpoint" in log.getvalue()
+        assert _lrs(log) == pytest.approx([7.75e-3, 3.25e-3])
