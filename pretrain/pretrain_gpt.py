@@ -194,6 +194,15 @@ def run(cfg: PretrainConfig) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
+    if cfg.context_parallel_size > 1:  # whole segments per rank: checked before the launch advice below
+        from megaseg.parallel.context import ChunkLayout
+
+        ChunkLayout(cfg.seq_length, cfg.segment_length, cfg.context_parallel_size)
+    if layout > world:
+        raise ConfigError(
+            f"tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = {layout} is invalid "
+            f"with {world} process(es): launch {layout} (or a multiple), e.g. torchrun --nproc-per-node {layout} "
+            "pretrain/pretrain_gpt.py ... or examples/pretrain_torchrun.sh")
     if world % layout:
         raise ConfigError(
             f"tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size = "
@@ -215,6 +224,9 @@ def run(cfg: PretrainConfig) -> int:
         initial_weights, base_hf = None, None
         if cfg.pretrained_checkpoint:
             cfg, initial_weights, base_hf = apply_pretrained(cfg)
+        from megaseg.training.ownership import claim_save_directory
+
+        claim_save_directory(cfg, say=lambda msg: None)  # another run's checkpoints: an error before any work
         blend, tokenizer_model = resolve_data(cfg)
         # The config written into checkpoints names the tokenizer actually used.
         cfg = PretrainConfig(**{**cfg.to_dict(), "tokenizer_model": tokenizer_model})

@@ -153,6 +153,10 @@ class PretrainConfig:
         None, "initialise the model from a Hugging Face Llama directory, a megaseg model directory or a pretraining "
         "checkpoint (fresh optimizer and schedule; the architecture and tokenizer come from it; --load wins once "
         "this run has saved)", "checkpointing")
+    overwrite_checkpoints: bool = _f(
+        False, "start from scratch even though --save holds checkpoints (they are removed once this run's first "
+        "checkpoint is complete); without it, --save holding another run's checkpoints is an error and this run's "
+        "own are resumed", "checkpointing")
     exit_signal_handler: bool = _f(True, "on SIGTERM/SIGUSR1 save at the next step boundary and exit 0", "checkpointing")
     exit_interval: int | None = _f(None, "save and exit after the iteration that is a multiple of this", "checkpointing")
     exit_duration_in_mins: float | None = _f(None, "save and exit once the run has lasted this long", "checkpointing")

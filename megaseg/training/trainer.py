@@ -527,6 +527,9 @@ def pretrain(
     monitor = TrainingMonitor(cfg.tensorboard_dir, cfg.log_interval, cfg.train_iters, enabled=is_logger, out=out)
     say = monitor.log
 
+    from megaseg.training.ownership import claim_save_directory, remove_other_checkpoints
+
+    cfg = claim_save_directory(cfg, say)
     resume_from = locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save) if cfg.load else None
     if resume_from is not None and initial_weights is not None:
         say(f"{resume_from} exists: resuming from it, not from the pretrained weights")
@@ -579,6 +582,7 @@ def pretrain(
     saved_at = iteration if resume_from is not None else None
     skipped, skipped_in_a_row = 0, 0
     exit_reason = None
+    replaced: list[str] = []  # --overwrite-checkpoints: the first checkpoint, once the old ones are gone
 
     def save():
         nonlocal last_checkpoint, saved_at
@@ -590,6 +594,14 @@ def pretrain(
         )
         saved_at = iteration
         say(f"saved checkpoint {last_checkpoint} ({time.perf_counter() - t:.1f} s)")
+        if cfg.overwrite_checkpoints and resume_from is None and not replaced:
+            replaced.append(last_checkpoint)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                removed = remove_other_checkpoints(cfg.save, last_checkpoint)
+                if removed:
+                    say(f"--overwrite-checkpoints: removed the earlier checkpoints {', '.join(removed)}")
+            if dist.is_initialized():
+                dist.barrier()
 
     def validate():
         t = time.perf_counter()

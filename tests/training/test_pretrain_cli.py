@@ -72,7 +72,7 @@ def test_corrupted_checkpoint_is_one_line_error_and_nonzero_exit(model_parallel,
         (["--load", "no/such/dir"], ["no/such/dir: checkpoint directory does not exist"]),
         (["--use-distributed-optimizer", "--optimizer", "sgd"], ["optimizer='sgd' is invalid with use_distributed_optimizer=True"]),
         (["--data-path", "missing_prefix", "--tokenizer-model", "missing.model"], ["missing.model"]),
-        (["--context-parallel-size", "2"], ["context_parallel_size", "= 2 is invalid: it must divide the world size 1"]),
+        (["--context-parallel-size", "2"], ["context_parallel_size", "= 2 is invalid with 1 process(es)", "torchrun --nproc-per-node 2"]),
         (["--context-parallel-size", "8"], ["context_parallel_size=8 is invalid: a sequence of seq_length=2048 has 4"]),
     ],
 )

@@ -101,7 +101,7 @@ def test_resaving_an_iteration_interrupted_before_its_rename_keeps_the_old_copy(
     with monkeypatch.context() as m:
         m.setattr(os, "rename", rename_then_crash)
         with pytest.raises(_Crash):
-            _run(tiny_config(tmp_path, train_iters=2))  # a fresh run saving into the same directory
+            _run(tiny_config(tmp_path, train_iters=2, overwrite_checkpoints=True))  # a fresh run saving into the same directory
     # iter_0000002 was set aside and its replacement never renamed in: the old copy is used.
     assert not (root / "iter_0000002").exists()
     found = checkpointing.find_checkpoint(str(root))
@@ -196,3 +196,38 @@ def test_a_resume_trains_at_the_learning_rate_it_announces(model_parallel, tmp_p
     else:
         assert "continues from the checkpoint" in log.getvalue()
         assert _lrs(log) == pytest.approx([7.75e-3, 3.25e-3])
+
+
+def test_a_run_never_takes_over_another_runs_checkpoints(model_parallel, tmp_path):
+    """--save holding checkpoints, no --load: the same run resumes; another run is refused
+    before any work, and the first run's checkpoints and tracker are untouched."""
+    from megaseg.config import ConfigError
+
+    first = _run(tiny_config(tmp_path, train_iters=2, lr_decay_iters=4))
+    root = tmp_path / "ckpt"
+    before = {p.name: p.stat().st_mtime_ns for p in root.rglob("*")}
+    with pytest.raises(ConfigError) as info:
+        _run(tiny_config(tmp_path, train_iters=2, hidden_size=48))
+    message = str(info.value)
+    assert "\n" not in message and "holds the checkpoints of another run" in message
+    assert "hidden_size 32 -> 48" in message and f"--load {root}" in message and "--overwrite-checkpoints" in message
+    assert {p.name: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    assert (root / checkpointing.TRACKER).read_text().strip() == "2"
+
+    log = io.StringIO()
+    cfg = tiny_config(tmp_path, train_iters=4, lr_decay_iters=4)
+    resumed = pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, VALID, out=log)
+    assert "holds this run's checkpoint at iteration 2: resuming from it" in log.getvalue()
+    straight = _run(tiny_config(tmp_path / "straight", train_iters=4, lr_decay_iters=4))
+    assert resumed.start_iteration == 2 and resumed.losses == straight.losses[2:]
+    assert first.losses == straight.losses[:2]
+
+
+def test_overwrite_checkpoints_starts_over_and_replaces_them_once_it_has_saved(model_parallel, tmp_path):
+    _run(tiny_config(tmp_path, train_iters=3, save_interval=2))
+    root = tmp_path / "ckpt"
+    other = _run(tiny_config(tmp_path, train_iters=2, save_interval=5, hidden_size=48, overwrite_checkpoints=True))
+    assert other.start_iteration == 0
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", checkpointing.TRACKER]
+    assert (root / checkpointing.TRACKER).read_text().strip() == "2"
+    assert checkpointing.read_training_common(str(root))[1]["args"]["hidden_size"] == 48
