@@ -6,6 +6,13 @@
     --head-plan-preset prior --long-range-layers 6 8 --long-range-heads 0 3
     --head-plan-file plan.json       # explicit [[mode per KV group] per layer]; wins over the preset
 
+Tools that run or export a checkpoint (generation, HF export) also take two overrides
+(`add_override_options`, `resolve_overrides`):
+
+    --full-attention   one segment as long as the model's max context (or --segment-length),
+                       every KV group `local`, M = R = 0: plain causal attention
+    --no-retrieval     every `retrieval` group becomes `local` (same S and M), R = 0
+
 `SEGMENT_OPTIONS` names each option's type, help and choices. Pretraining
 (`megaseg.training.arguments.PretrainConfig`) declares its fields from it with the default
 run's values; conversion, generation and evaluation tools add the same flags with no
@@ -16,12 +23,13 @@ default, meaning "the checkpoint's setting" (`add_segment_options`,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from megaseg.config import GROUP_REDUCTIONS, ConfigError, HeadPlan, SegmentConfig
+from megaseg.config import GROUP_REDUCTIONS, LOCAL, RETRIEVAL, ConfigError, HeadPlan, SegmentConfig
 
 HEAD_PLAN_PRESETS = ("local", "prior", "contiguous", "interleaved", "paper-llama2-7b")
 
@@ -158,3 +166,115 @@ def segment_from_options(args, plan: HeadPlan, base: SegmentConfig | None = None
               for name in SEGMENT_FIELDS}
     values["retrieval_length"] = retrieval
     return SegmentConfig(**values)
+
+
+# ---- overrides of what a checkpoint runs with: full attention, no retrieval ---------------------
+def full_attention(num_layers: int, num_kv_groups: int, length: int,
+                   base: SegmentConfig | None = None) -> tuple[SegmentConfig, HeadPlan]:
+    """One segment of ``length`` tokens, every KV group `local`, M = R = 0: plain causal
+    attention for any sequence of at most ``length`` tokens (docs/semantics.md §7). K and the
+    group reduction are kept from ``base`` (they change nothing at inference)."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ConfigError(f"segment_length={length!r} is invalid for full attention: must be an integer > 0")
+    base = base or SegmentConfig(4096, 512, 512, 1)
+    segment = SegmentConfig(length, 0, 0, base.tbptt_k, base.retrieval_group_reduce)
+    return segment, HeadPlan.all_local(num_layers, num_kv_groups)
+
+
+def without_retrieval(segment: SegmentConfig, plan: HeadPlan) -> tuple[SegmentConfig, HeadPlan]:
+    """The same settings with every `retrieval` (layer, KV group) turned `local` and R = 0
+    (S, M and the `segment` groups unchanged)."""
+    modes = tuple(tuple(LOCAL if m == RETRIEVAL else m for m in layer) for layer in plan.modes)
+    return dataclasses.replace(segment, retrieval_length=0), HeadPlan(modes)
+
+
+def describe(segment: SegmentConfig, plan: HeadPlan) -> str:
+    """``S=.. M=.. R=.., plan a local / b retrieval / c segment``."""
+    return (f"S={segment.segment_length} M={segment.tail_length} R={segment.retrieval_length}, plan "
+            f"{plan.count('local')} local / {plan.count('retrieval')} retrieval / {plan.count('segment')} segment")
+
+
+def add_override_options(parser: argparse.ArgumentParser) -> None:
+    """--full-attention and --no-retrieval (one or the other), beside `add_segment_options`."""
+    g = parser.add_argument_group("overrides of the checkpoint's segmented attention")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--full-attention", action="store_true",
+                     help="one segment as long as the model's max context (max_position_embeddings, capped at a "
+                          "sliding window; or --segment-length), every KV group local, M = R = 0")
+    one.add_argument("--no-retrieval", action="store_true",
+                     help="every retrieval KV group becomes local (same S and M), R = 0")
+
+
+def overrides_given(args) -> bool:
+    return segment_options_given(args) or bool(getattr(args, "full_attention", False)) \
+        or bool(getattr(args, "no_retrieval", False))
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """What a checkpoint records about its attention, read without its weights.
+
+    segment/plan are None for a plain Hugging Face directory. max_context: the
+    ``max_position_embeddings`` its (exported) config.json gives, capped at a sliding window
+    the model was trained with — the length of a --full-attention segment.
+    """
+
+    num_layers: int
+    num_kv_groups: int
+    segment: SegmentConfig | None
+    plan: HeadPlan | None
+    max_context: int
+
+
+def hf_max_context(hf) -> int:
+    """``max_position_embeddings`` of a HF config dict (4096 when absent), capped at the
+    sliding window its family applies: the longest context the model attended over whole."""
+    from megaseg.hf.llama_config import FAMILIES, sliding_window_of
+
+    length = int(hf.get("max_position_embeddings") or 4096)
+    family = FAMILIES.get(hf.get("model_type") or "llama")
+    window = sliding_window_of(hf, family) if family is not None else None
+    return min(length, window) if window else length
+
+
+def checkpoint_settings(path) -> CheckpointSettings:
+    """`CheckpointSettings` of any checkpoint format `megaseg.checkpoint.formats` reads."""
+    from megaseg.checkpoint.formats import HF_LLAMA, checkpoint_shape, detect_format, read_model
+    from megaseg.checkpoint.weights import read_json
+    from megaseg.hf.llama_config import hf_config_dict, passthrough_from_hf
+
+    if detect_format(path) == HF_LLAMA:
+        layers, groups, segment, plan = checkpoint_shape(path)
+        hf = passthrough_from_hf(read_json(Path(path) / "config.json"))
+    else:
+        src = read_model(path, weights=False)
+        cfg = src.config
+        layers, groups, segment, plan = cfg.num_layers, cfg.num_kv_heads, cfg.segment, cfg.head_plan
+        # The max_position_embeddings its HF export writes (the base model's, else the export default).
+        hf = {**src.hf, "max_position_embeddings": hf_config_dict(cfg, passthrough=src.hf).get("max_position_embeddings")}
+    return CheckpointSettings(layers, groups, segment, plan, hf_max_context(hf))
+
+
+def resolve_overrides(args, ckpt: CheckpointSettings) -> tuple[SegmentConfig, HeadPlan] | None:
+    """(segment settings, head plan) that the segment options and --full-attention /
+    --no-retrieval ask for, on top of the checkpoint's; None when nothing is asked and the
+    checkpoint has settings of its own (a plain HF directory without options gets the
+    defaults of `resolve_segment_options`)."""
+    layers, groups = ckpt.num_layers, ckpt.num_kv_groups
+    if getattr(args, "full_attention", False):
+        for name in SEGMENT_OPTIONS:
+            if name not in ("segment_length", "tbptt_k", "retrieval_group_reduce") and getattr(args, name) is not None:
+                raise ConfigError(f"{flag(name)} is invalid with --full-attention "
+                                  "(one segment, every KV group local, M = R = 0)")
+        base = dataclasses.replace(ckpt.segment or SegmentConfig(4096, 512, 512, 1),
+                                   **{k: getattr(args, k) for k in ("tbptt_k", "retrieval_group_reduce")
+                                      if getattr(args, k) is not None})
+        length = ckpt.max_context if args.segment_length is None else args.segment_length
+        return full_attention(layers, groups, length, base)
+    no_retrieval = bool(getattr(args, "no_retrieval", False))
+    if not overrides_given(args) and ckpt.segment is not None:
+        return None
+    if no_retrieval and args.retrieval_length:
+        raise ConfigError(f"--retrieval-length={args.retrieval_length} is invalid with --no-retrieval (it sets R = 0)")
+    segment, plan = resolve_segment_options(args, layers, groups, ckpt.segment, ckpt.plan)
+    return without_retrieval(segment, plan) if no_retrieval else (segment, plan)

@@ -10,6 +10,10 @@
     python tools/convert_hf.py export runs/default/checkpoints HF_OUT [--tokenizer PATH] [--dtype bfloat16]
     # ... or a plain Llama directory that stock transformers loads (segmentation off)
     python tools/convert_hf.py export CKPT_DIR HF_OUT --no-segmentation
+    # ... running other settings than the checkpoint's: the segment options, or
+    python tools/convert_hf.py export CKPT_DIR HF_OUT --full-attention   # one segment, all local, M = R = 0
+    python tools/convert_hf.py export CKPT_DIR HF_OUT --no-retrieval     # retrieval groups -> local, R = 0
+    # (config.json's `megaseg` section then keeps the checkpoint's own settings under `overridden_from`)
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
 from megaseg.checkpoint.formats import HF_LLAMA, HF_MEGASEG, checkpoint_shape, detect_format  # noqa: E402
 from megaseg.checkpoint.weights import parse_dtype  # noqa: E402
 from megaseg.hf.convert import export_hf_checkpoint, import_hf_checkpoint  # noqa: E402
-from megaseg.segment_options import OneLineArgumentParser, add_segment_options, resolve_segment_options  # noqa: E402
+from megaseg.segment_options import (  # noqa: E402
+    OneLineArgumentParser, add_override_options, add_segment_options, checkpoint_settings, describe, resolve_overrides,
+    resolve_segment_options,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", default=None, help="tokenizer directory or .model file (default: the checkpoint's)")
     exp.add_argument("--no-segmentation", action="store_true",
                      help="write a plain Llama config (stock transformers, no remote code)")
+    add_segment_options(exp)
+    add_override_options(exp)
     return p
 
 
@@ -63,9 +72,15 @@ def run(args) -> int:
               f"plan {plan.count('local')} local / {plan.count('retrieval')} retrieval / {plan.count('segment')} segment, "
               f"tp={args.tp} pp={args.pp}")
     else:
-        export_hf_checkpoint(args.src, args.out, segmented=not args.no_segmentation, dtype=dtype, tokenizer=args.tokenizer)
+        ckpt = checkpoint_settings(args.src)
+        segment, plan = resolve_overrides(args, ckpt) or (None, None)
+        cfg = export_hf_checkpoint(args.src, args.out, segmented=not args.no_segmentation, dtype=dtype,
+                                   tokenizer=args.tokenizer, segment=segment, head_plan=plan)
         kind = "plain Llama" if args.no_segmentation else "segmented (trust_remote_code=True)"
-        print(f"exported {args.src} -> {args.out} ({kind})")
+        what = describe(cfg.segment, cfg.head_plan)
+        if segment is not None and ckpt.segment is not None:
+            what += f"; overridden from the checkpoint's {describe(ckpt.segment, ckpt.plan)}"
+        print(f"exported {args.src} -> {args.out} ({kind}): {what}")
     return 0
 
 

@@ -7,7 +7,8 @@
 A file with an ``experiment:`` mapping trains and evaluates the small alignment experiment
 (``megaseg.eval.experiment.ExperimentConfig`` fields). Otherwise it evaluates checkpoints:
 
-    checkpoints: {name: path}         # megaseg checkpoint or HF directory, with a tokenizer
+    checkpoints: {name: path}         # any checkpoint: pretraining save/iter_* directory, megaseg
+                                      # model directory, megaseg HF export, plain HF Llama/Qwen2/Mistral
     tokenizer: null                   # optional tokenizer path for all checkpoints
     corpus: stdlib                    # haystack text: stdlib or a directory / file
     lengths: [1024, 4096]
@@ -16,10 +17,15 @@ A file with an ``experiment:`` mapping trains and evaluates the small alignment 
     perplexity: {documents: 4, bucket: 512}
     modes:                            # see megaseg.eval.modes.InferenceMode
       - {name: megaseg, kind: megaseg}
+      - {name: no_retrieval, kind: no_retrieval}   # retrieval groups -> local, R = 0 (same S, M)
       - {name: full, kind: full}
       - {name: streaming, kind: streaming, sinks: 4, window: 1024}
       - {name: duo, kind: duo, full_heads: plan.json, window: 1024}
     output: runs/eval
+
+Every checkpoint loads through ``megaseg.eval.loading.load_for_eval`` and runs as megaseg's
+reference model; a plain HF directory has no segment settings and runs as one segment of
+its max context (full attention) unless a mode gives ``segment``/``head_plan``.
 
 Bad input (unknown task, a length a mode or task cannot run, an empty or too-small corpus,
 a checkpoint without a tokenizer) stops with one line and exit code 2.

@@ -6,8 +6,16 @@
 
 CHECKPOINT is a pretraining checkpoint (the --save directory or one iter_* directory, any
 TP/PP layout), a megaseg model directory, a megaseg HF export, or a plain HF Llama directory
-(then the segment options say how to segment it). The tokenizer (sentencepiece
-tokenizer.model or tokenizer.json) is the one CHECKPOINT carries unless --tokenizer is given.
+(then the segment options say how to segment it). The segment options override the
+checkpoint's settings, and so do
+
+    python tools/generate.py CHECKPOINT --prompt "..." --full-attention   # one segment, all local, M = R = 0
+    python tools/generate.py CHECKPOINT --prompt "..." --no-retrieval     # retrieval groups -> local, R = 0
+
+(one line on stderr then says what runs instead of the checkpoint's settings). The tokenizer
+(sentencepiece tokenizer.model or tokenizer.json) is the one CHECKPOINT carries unless
+--tokenizer is given; text starts with BOS as the model was trained (a pretraining
+checkpoint: no BOS; otherwise the tokenizer's add_bos_token).
 One prompt streams its tokens as they are generated; several prompts run as one batch and
 print when done. The last lines report prefill time, decode tokens/s and peak memory.
 """
@@ -23,11 +31,14 @@ import torch  # noqa: E402
 
 from megaseg.config import ConfigError  # noqa: E402
 from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
-from megaseg.checkpoint.formats import checkpoint_shape, read_model  # noqa: E402
+from megaseg.checkpoint.formats import read_model  # noqa: E402
 from megaseg.checkpoint.weights import parse_dtype  # noqa: E402
-from megaseg.segment_options import OneLineArgumentParser, add_segment_options, resolve_segment_options, segment_options_given  # noqa: E402
+from megaseg.hf.convert import check_sliding_window  # noqa: E402
+from megaseg.segment_options import (  # noqa: E402
+    OneLineArgumentParser, add_override_options, add_segment_options, checkpoint_settings, describe, resolve_overrides,
+)
 from megaseg.inference import InferenceEngine, SamplingConfig  # noqa: E402
-from megaseg.inference.tokenizer import TextTokenizer  # noqa: E402
+from megaseg.inference.tokenizer import TextTokenizer, model_adds_bos  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -39,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", default=[], help="file whose whole text is one prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not prepend the BOS token (default: as the model was trained; none for a pretraining checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -51,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-stream", action="store_true", help="print the completion only when done")
     add_segment_options(p)
+    add_override_options(p)
     return p
 
 
@@ -76,13 +89,16 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     path = Path(args.checkpoint)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    segment = plan = None
-    layers, groups, base_segment, base_plan = checkpoint_shape(path)
-    if segment_options_given(args) or base_segment is None:
-        segment, plan = resolve_segment_options(args, layers, groups, base_segment, base_plan)
+    ckpt = checkpoint_settings(path)
+    segment, plan = resolve_overrides(args, ckpt) or (None, None)
     source = read_model(path, segment=segment, head_plan=plan)
+    if segment is not None and ckpt.segment is not None:
+        check_sliding_window(source, str(path))
+        how = "--full-attention" if args.full_attention else "--no-retrieval" if args.no_retrieval else "segment options"
+        print(f"# overridden ({how}): running {describe(segment, plan)} instead of the checkpoint's "
+              f"{describe(ckpt.segment, ckpt.plan)}", file=sys.stderr)
     tok_path = args.tokenizer or source.tokenizer
-    tokenizer = TextTokenizer.load(tok_path) if tok_path else None
+    tokenizer = TextTokenizer.load(tok_path, add_bos=model_adds_bos(source)) if tok_path else None
     prompts = _prompts(args, tokenizer)
 
     model = source.build(parse_dtype(args.dtype))

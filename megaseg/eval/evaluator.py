@@ -8,6 +8,10 @@ between chunks, counted exactly from the tensors. Process memory (weights, activ
 of one chunk, allocator slack) is not included; ``rss_mib`` is the process high-water mark
 at the end of the evaluation, for scale only (it never goes down).
 
+``model`` is megaseg's reference model, as `megaseg.eval.loading.load_for_eval` loads it from
+any checkpoint format; a transformers model (megaseg HF export or plain Llama/Qwen2/Mistral)
+is accepted too and runs as its reference copy (`megaseg.eval.loading.reference_model`).
+
 Task accuracy decodes the answer teacher-forced: the prediction at each answer position is
 the argmax given the gold prefix, so an answer scores 1 exactly when greedy decoding would
 produce it; partial credit is RULER's fraction of references found in the predicted text.
@@ -23,6 +27,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megaseg.eval.loading import reference_model
 from megaseg.eval.modes import InferenceMode, installed
 from megaseg.eval.tasks import Haystack, generate_many, score
 
@@ -44,6 +49,7 @@ def _state_bytes(states) -> int:
 @torch.no_grad()
 def run_sequence(model, ids: Sequence[int] | torch.Tensor, chunk: int) -> SequenceRun:
     """Stream one sequence through ``model`` (in its installed mode) ``chunk`` tokens a call."""
+    model = reference_model(model)
     ids_T = torch.as_tensor(ids, dtype=torch.long).flatten()
     T = ids_T.numel()
     dev = next(model.parameters()).device
@@ -97,7 +103,7 @@ def perplexity(model, mode: InferenceMode, documents: Iterable[Sequence[int]], b
     nb = -(-(length - 1) // bucket)
     sums, counts = [0.0] * nb, [0] * nb
     total, count, peak, seconds = 0.0, 0, 0, 0.0
-    with installed(model, mode):
+    with installed(model, mode) as model:
         for d in docs:
             run = run_sequence(model, d, mode.chunk_size(model))
             for b in range(nb):
@@ -131,7 +137,7 @@ def task_accuracy(model, mode: InferenceMode, tokenizer, task: str, length: int,
     mode.check_length(length)
     samples = generate_many(task, length, n, tokenizer, haystack, seed)
     scores, exact, preds, peak, seconds = [], 0, [], 0, 0.0
-    with installed(model, mode):
+    with installed(model, mode) as model:
         for s in samples:
             run = run_sequence(model, s.ids, mode.chunk_size(model))
             p0 = len(s.input_ids) - 1

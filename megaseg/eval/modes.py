@@ -1,5 +1,11 @@
-"""Inference modes of one set of weights: megaseg segmented, full attention, StreamingLLM,
-DuoAttention-style. A mode swaps every layer's attention core; nothing else changes.
+"""Inference modes of one set of weights: megaseg segmented, megaseg without retrieval, full
+attention, StreamingLLM, DuoAttention-style. A mode swaps every layer's attention core;
+nothing else changes.
+
+Modes run on megaseg's reference model, whatever the checkpoint format: load it with
+`megaseg.eval.loading.load_for_eval` (any path `read_model` accepts); ``installed`` also takes
+a transformers model (a megaseg HF export or a plain Llama/Qwen2/Mistral) and yields its
+reference copy (`megaseg.eval.loading.reference_model`).
 """
 from __future__ import annotations
 
@@ -7,19 +13,26 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from megaseg.checkpoint.errors import CheckpointError
 from megaseg.config import ConfigError, HeadPlan, SegmentConfig
 from megaseg.eval.baselines import FULL, WINDOW, BaselineAttention
+from megaseg.eval.loading import model_config, reference_model
 from megaseg.ops.segmented_attention import SegmentedAttention
+from megaseg.segment_options import without_retrieval
 
-KINDS = ("megaseg", "full", "streaming", "duo")
+KINDS = ("megaseg", "no_retrieval", "full", "streaming", "duo")
+SEGMENTED_KINDS = ("megaseg", "no_retrieval")
 
 
 @dataclass(frozen=True)
 class InferenceMode:
     """One way to run the weights.
 
-    kind:        megaseg | full | streaming | duo.
-    segment, head_plan: megaseg only; None keeps the model's own settings.
+    kind:        megaseg | no_retrieval | full | streaming | duo. ``no_retrieval`` is megaseg
+                 with every `retrieval` (layer, KV group) turned `local` and R = 0 (same S and
+                 M; `segment` groups unchanged): what the model does without its long-range
+                 channel.
+    segment, head_plan: megaseg and no_retrieval; None keeps the model's own settings.
     sinks, window: streaming and duo (the non-full heads).
     full_heads:  duo: {layer: [KV groups]} that keep full attention, or a HeadPlan whose
                  `retrieval` groups are taken as the full ones.
@@ -52,13 +65,20 @@ class InferenceMode:
             raise ConfigError(f"length={length} is invalid for mode {self.name!r}: it runs at most {self.max_length} tokens")
 
     def chunk_size(self, model) -> int:
-        return self.chunk or (self.segment or model.config.segment).segment_length
+        return self.chunk or self.settings(model_config(model))[0].segment_length
+
+    def settings(self, cfg) -> tuple[SegmentConfig, HeadPlan]:
+        """(segment settings, head plan) a megaseg or no_retrieval mode runs ``cfg`` with
+        (the model's own ones for the other kinds)."""
+        seg, plan = self.segment or cfg.segment, self.head_plan or cfg.head_plan
+        if self.kind == "no_retrieval":
+            seg, plan = without_retrieval(seg, plan)
+        return seg, plan
 
     def cores(self, model) -> list:
-        cfg = model.config
-        if self.kind == "megaseg":
-            plan = self.head_plan or cfg.head_plan
-            seg = self.segment or cfg.segment
+        cfg = model_config(model)
+        if self.kind in SEGMENTED_KINDS:
+            seg, plan = self.settings(cfg)
             try:
                 cfg.replace(segment=seg, head_plan=plan)  # validates plan shape and R vs plan
             except ConfigError as e:
@@ -93,7 +113,13 @@ def _full_groups(mode: InferenceMode, num_layers: int, num_groups: int) -> dict[
 
 @contextlib.contextmanager
 def installed(model, mode: InferenceMode):
-    """Run ``model`` in ``mode`` inside the block; the original cores come back after it."""
+    """Run ``model`` in ``mode`` inside the block, which yields the model to call: ``model``
+    itself when it is megaseg's reference model (its original cores come back after the
+    block), else its reference copy (`megaseg.eval.loading.reference_model`)."""
+    try:
+        model = reference_model(model)
+    except CheckpointError as e:
+        raise ConfigError(f"mode {mode.name!r}: {e}") from None
     layers = model.model.layers
     saved = [layer.self_attn.core for layer in layers]
     try:
@@ -106,7 +132,8 @@ def installed(model, mode: InferenceMode):
 
 
 def mode_from_dict(d: Mapping, num_layers: int | None = None, num_groups: int | None = None) -> InferenceMode:
-    """An InferenceMode from a YAML mapping (keys as the dataclass fields; ``segment`` a
+    """An InferenceMode from a YAML mapping (keys as the dataclass fields, e.g.
+    ``{name: no_retrieval, kind: no_retrieval}``; ``segment`` a
     mapping of SegmentConfig fields; ``head_plan``/``full_heads`` a list of per-layer modes
     or a path to a head plan JSON)."""
     d = dict(d)

@@ -131,15 +131,15 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
     equal to prefill and decode by the consistency invariant)."""
     if not documents:
         raise ConfigError("no recall documents to evaluate")
-    cfg = model.config
-    seg = mode.segment or cfg.segment
-    S, M = seg.segment_length, seg.tail_length
     correct = total = outside = outside_correct = hits = 0
     per_head: dict[str, int] = defaultdict(int)
     table = {"correct_retrieved": 0, "correct_not_retrieved": 0, "wrong_retrieved": 0, "wrong_not_retrieved": 0}
     length = max(len(d.ids) for d in documents)
-    plan = mode.head_plan or cfg.head_plan
-    with installed(model, mode):
+    with installed(model, mode) as model:
+        cfg = model.config
+        seg = mode.segment or cfg.segment
+        S, M = seg.segment_length, seg.tail_length
+        plan = mode.head_plan or cfg.head_plan
         for i, layer in enumerate(model.model.layers):  # where each core reports its picks
             layer.self_attn.core.layer_index = i
         for doc in documents:

@@ -11,6 +11,7 @@ The reference model uses HF Llama parameter names, so the weight mapping is the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,11 +22,14 @@ from safetensors.torch import save_file
 
 from megaseg.config import HeadPlan, ModelConfig, SegmentConfig
 from megaseg.checkpoint.errors import CheckpointError
-from megaseg.checkpoint.formats import read_model
+from megaseg.checkpoint.formats import HF_LLAMA, read_model
 from megaseg.checkpoint.weights import (
     check_weights, copy_tokenizer_files, read_hf_weights, read_json, save_model_dir,
 )
-from megaseg.hf.llama_config import REMOTE_CODE_MODULE, hf_config_dict, model_config_from_hf, passthrough_from_hf
+from megaseg.hf.llama_config import (
+    FAMILIES, REMOTE_CODE_MODULE, check_window, hf_config_dict, model_config_from_hf, passthrough_from_hf,
+)
+from megaseg.inference.tokenizer import model_adds_bos
 
 MODELING_FILE = Path(__file__).with_name(f"{REMOTE_CODE_MODULE}.py")
 
@@ -66,27 +70,77 @@ def export_hf_checkpoint(
     segmented: bool = True,
     dtype: torch.dtype | None = None,
     tokenizer: str | os.PathLike | None = None,
+    segment: SegmentConfig | None = None,
+    head_plan: HeadPlan | None = None,
 ) -> ModelConfig:
     """Write a HF directory from any checkpoint `read_model` reads: a pretraining checkpoint
     (save directory or iter_* directory, any TP/PP layout) or a megaseg model directory.
-    Returns its config."""
-    src = read_model(src_dir)
+    Returns its config.
+
+    ``segment``/``head_plan`` replace the checkpoint's settings (e.g. full attention or no
+    retrieval); the exported config.json then records the source's own settings under
+    ``megaseg.overridden_from`` ({"segment": ..., "head_plan": ...}).
+    A pretraining checkpoint's tokenizer is written with ``add_bos_token: false``: its
+    training samples had no BOS (`megaseg.inference.tokenizer.model_adds_bos`).
+    """
+    overridden = segment is not None or head_plan is not None
+    src = read_model(src_dir, segment=segment, head_plan=head_plan)
+    original = None
+    if overridden and src.format != HF_LLAMA:
+        original = read_model(src_dir, weights=False).config
+        check_sliding_window(src, str(src_dir))
     sd = src.state_dict
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     write_hf_directory(out_dir, sd, src.config, src.hf, segmented)
+    if original is not None:
+        record_overrides(out_dir, original)
     tokenizer = tokenizer if tokenizer is not None else src.tokenizer
     if tokenizer is not None:
         copy_tokenizer_files(tokenizer, out_dir)
-        write_tokenizer_config(out_dir, src.hf)
+        write_tokenizer_config(out_dir, src.hf, add_bos=model_adds_bos(src))
     return src.config
 
 
-def write_tokenizer_config(out_dir: str | os.PathLike, hf: dict | None = None) -> None:
+def check_sliding_window(src, source: str) -> None:
+    """Overridden settings of a model with a sliding window must stay inside it (an HF
+    directory is checked when read; a megaseg or training checkpoint here): CheckpointError."""
+    family = FAMILIES.get((src.hf or {}).get("model_type") or "llama")
+    if family is not None:
+        check_window(src.hf, family, src.config.segment, source)
+
+
+def record_overrides(out_dir: str | os.PathLike, original: ModelConfig) -> None:
+    """Add ``overridden_from`` (the source checkpoint's segment settings and head plan) to
+    the ``megaseg`` section of an exported config.json."""
+    path = Path(out_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config["megaseg"]["overridden_from"] = {"segment": dataclasses.asdict(original.segment),
+                                            "head_plan": original.head_plan.to_list()}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_tokenizer_config(out_dir: str | os.PathLike, hf: dict | None = None, add_bos: bool | None = None) -> None:
     """tokenizer_config.json naming transformers' Llama tokenizer class for a sentencepiece
-    ``tokenizer.model`` (kept when the source brought its own)."""
+    ``tokenizer.model`` (kept when the source brought its own).
+
+    ``add_bos``: whether the model's inputs start with BOS; None keeps the source's setting
+    (a sentencepiece tokenizer without a config adds BOS, as Llama's does). False is also
+    written into a tokenizer_config.json the source brought.
+    """
     out = Path(out_dir)
-    if (out / "tokenizer_config.json").is_file() or not (out / "tokenizer.model").is_file():
+    cfg_path = out / "tokenizer_config.json"
+    if cfg_path.is_file():
+        if add_bos is not None:
+            try:
+                config = json.loads(cfg_path.read_text())
+            except ValueError:
+                raise CheckpointError(f"{cfg_path}: not valid JSON") from None
+            if config.get("add_bos_token") != add_bos:
+                config["add_bos_token"] = add_bos
+                cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+        return
+    if not (out / "tokenizer.model").is_file():
         return
     import sentencepiece as spm
 
@@ -102,14 +156,14 @@ def write_tokenizer_config(out_dir: str | os.PathLike, hf: dict | None = None) -
         "eos_token": piece(sp.eos_id()),
         "unk_token": piece(sp.unk_id()),
         "pad_token": piece(sp.pad_id()),
-        "add_bos_token": True,
+        "add_bos_token": True if add_bos is None else add_bos,
         "add_eos_token": False,
         "legacy": False,
         # Whether sentencepiece prepends "▁" to the text (megaseg's own tokenizers do not).
         "add_prefix_space": sp.EncodeAsPieces("a")[0].startswith("\u2581"),
         "model_max_length": int((hf or {}).get("max_position_embeddings") or 1_000_000_000),
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _check_export_dir(out: Path) -> None:

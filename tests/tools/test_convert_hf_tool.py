@@ -64,9 +64,9 @@ def test_config_whose_heads_do_not_match_the_weights_is_a_one_line_error(tmp_pat
 
 def test_unknown_architecture_is_a_one_line_error(tmp_path, hf_dir, capsys):
     cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    cfg.update(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")  # Mistral and Qwen2 are supported
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(capsys, ["import", str(hf_dir), str(tmp_path / "ms")], "unsupported architecture ['MistralForCausalLM']")
+    _one_line_error(capsys, ["import", str(hf_dir), str(tmp_path / "ms")], "unsupported architecture ['GPTNeoXForCausalLM']")
 
 
 @pytest.mark.parametrize("argv_tail, needle", [
@@ -115,3 +115,114 @@ def test_never_writes_over_other_weights_but_replaces_its_own(tmp_path, hf_dir, 
     _one_line_error(capsys, ["export", str(tmp_path / "ms"), str(hf_dir)], "already holds weights (model.safetensors)")
     _one_line_error(capsys, ["import", str(hf_dir), str(hf_dir), "--segment-length", "16", "--tail-length", "4"],
                     "already holds weights")
+
+
+# ---- export: the tokenizer's BOS follows the training run; overrides are recorded --------------
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 2-step in-process pretraining checkpoint carrying a sentencepiece tokenizer."""
+    from ..eval.test_modes_any_checkpoint import pretraining_checkpoint, train_tokenizer
+
+    root = tmp_path_factory.mktemp("pretrained")
+    tok = train_tokenizer(root / "tok.model")
+    return pretraining_checkpoint(root, tok), tok
+
+
+def _training_data_ids(tmp_path, tokenizer_model, text):
+    """The ids megaseg's preprocessing writes into the training data for ``text``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megaseg.data.preprocess import preprocess_jsonl
+
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    prefix = preprocess_jsonl(tmp_path / "doc.jsonl", tokenizer_model, tmp_path / "doc", append_eod=False).prefixes["text"]
+    dataset = IndexedDataset(prefix)
+    return dataset[0].tolist()
+
+
+def test_exported_pretraining_checkpoint_tokenizes_as_its_training_data(pretrained, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from megaseg.eval.loading import load_for_eval
+    from megaseg.inference.tokenizer import TextTokenizer
+
+    ckpt, tok = pretrained
+    text = "the big cat sat on the red mat and then"
+    data = _training_data_ids(tmp_path, tok, text)
+    assert data and data[0] != 1  # no BOS in the training data
+    assert convert.main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")(text).input_ids == data
+    assert TextTokenizer.load(tmp_path / "out").encode(text) == data
+    assert load_for_eval(ckpt)[1].encode(text) == data  # the checkpoint itself, as evaluation and generate.py read it
+    assert "overridden_from" not in json.loads((tmp_path / "out" / "config.json").read_text())["megaseg"]
+    # An imported HF Llama whose tokenizer adds BOS keeps it.
+    hf_llama("llama2", seed=1, num_layers=2).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(tok.read_bytes())
+    assert convert.main(["import", str(tmp_path / "hf"), str(tmp_path / "ms"), "--segment-length", "16",
+                         "--tail-length", "4"]) == 0
+    assert convert.main(["export", str(tmp_path / "ms"), str(tmp_path / "out2")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "out2")(text).input_ids == [1] + data
+    assert TextTokenizer.load(tmp_path / "out2").encode(text) == [1] + data
+
+
+def test_export_with_full_attention_or_no_retrieval_records_what_it_overrode(pretrained, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megaseg.checkpoint.formats import read_model
+
+    ckpt, _ = pretrained
+    source = read_model(ckpt, weights=False).config
+    own = {"segment": {"segment_length": 8, "tail_length": 4, "retrieval_length": 4, "tbptt_k": 1,
+                       "retrieval_group_reduce": "sum"},
+           "head_plan": [["segment", "local"], ["retrieval", "local"]]}
+    assert own["head_plan"] == source.head_plan.to_list()
+
+    assert convert.main(["export", str(ckpt), str(tmp_path / "full"), "--full-attention"]) == 0
+    assert "overridden from the checkpoint's S=8 M=4 R=4" in capsys.readouterr().out
+    section = json.loads((tmp_path / "full" / "config.json").read_text())["megaseg"]
+    assert section["overridden_from"] == own
+    assert section["head_plan"] == [["local", "local"], ["local", "local"]]
+    assert (section["segment"]["segment_length"], section["segment"]["tail_length"],
+            section["segment"]["retrieval_length"]) == (4096, 0, 0)  # the export's max_position_embeddings
+    # One segment: the exported model is plain causal attention, as stock transformers runs it.
+    assert convert.main(["export", str(ckpt), str(tmp_path / "plain"), "--no-segmentation"]) == 0
+    ids = torch.randint(3, 60, (1, 40), generator=torch.Generator().manual_seed(1))
+    seg = AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=True).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(seg(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+        # ... which is not what the checkpoint runs with its own segments (S = 8).
+        assert not torch.allclose(read_model(ckpt).build()(ids)[0], plain(ids).logits, atol=1e-3)
+
+    assert convert.main(["export", str(ckpt), str(tmp_path / "nr"), "--no-retrieval", "--segment-length", "16"]) == 0
+    section = json.loads((tmp_path / "nr" / "config.json").read_text())["megaseg"]
+    assert section["overridden_from"] == own
+    assert section["head_plan"] == [["segment", "local"], ["local", "local"]]
+    assert (section["segment"]["segment_length"], section["segment"]["tail_length"],
+            section["segment"]["retrieval_length"]) == (16, 4, 0)
+
+
+def test_full_attention_is_the_base_models_context_and_refuses_what_contradicts_it(tmp_path, hf_dir, capsys):
+    assert convert.main(["import", str(hf_dir), str(tmp_path / "ms"), "--segment-length", "16", "--tail-length", "4",
+                         "--retrieval-length", "4", "--head-plan-preset", "interleaved", "--long-range-layers", "1",
+                         "--num-long-range-heads", "1"]) == 0
+    assert convert.main(["export", str(tmp_path / "ms"), str(tmp_path / "out"), "--full-attention"]) == 0
+    capsys.readouterr()
+    section = json.loads((tmp_path / "out" / "config.json").read_text())["megaseg"]
+    assert section["segment"]["segment_length"] == 256  # the base Llama's max_position_embeddings
+    ms = str(tmp_path / "ms")
+    _one_line_error(capsys, ["export", ms, str(tmp_path / "x"), "--full-attention", "--tail-length", "4"],
+                    "--tail-length is invalid with --full-attention")
+    _one_line_error(capsys, ["export", ms, str(tmp_path / "x"), "--full-attention", "--head-plan-preset", "local"],
+                    "--head-plan-preset is invalid with --full-attention")
+    _one_line_error(capsys, ["export", ms, str(tmp_path / "x"), "--no-retrieval", "--retrieval-length", "4"],
+                    "--retrieval-length=4 is invalid with --no-retrieval")
+    _one_line_error(capsys, ["export", ms, str(tmp_path / "x"), "--retrieval-length", "0"],
+                    "retrieval_length=0 is invalid")
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["export", ms, str(tmp_path / "x"), "--full-attention", "--no-retrieval"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "not allowed with argument" in err
+    assert not (tmp_path / "x").exists()

@@ -86,3 +86,85 @@ def test_bad_inputs_are_one_line_errors(checkpoint, capsys, argv_tail, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
+
+
+# ---- overrides: --no-retrieval, --full-attention; BOS as the model was trained ----------------
+def _overridden_lines(err):
+    return [line for line in err.splitlines() if line.startswith("# overridden")]
+
+
+@pytest.fixture(scope="module")
+def retrieving(checkpoint):
+    """The same weights without a tokenizer (completions print as ids), as a plain HF directory
+    and imported with S = 8, M = 3, R = 4 and layer 1 retrieving with KV group 0."""
+    from megaseg.config import HeadPlan
+
+    hf_llama("llama3", seed=8).save_pretrained(checkpoint / "hf_ids")
+    plan = HeadPlan((("segment", "local"), ("retrieval", "local"), ("segment", "local")))
+    import_hf_checkpoint(checkpoint / "hf_ids", checkpoint / "ret", SegmentConfig(8, 3, 4, 1), plan)
+    return checkpoint / "ret"
+
+
+def test_no_retrieval_runs_retrieval_groups_as_local_and_says_so(retrieving, capsys):
+    from megaseg.config import HeadPlan
+
+    prompt = [5, 9, 13, 7, 21, 3, 17, 11, 30, 8, 12, 40, 22, 6, 19, 25, 33, 9, 14, 10]  # three segments
+    argv = [str(retrieving), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "8", "--ignore-eos",
+            "--no-stream"]
+    assert generate.main(argv + ["--no-retrieval"]) == 0
+    out, err = capsys.readouterr()
+    local = HeadPlan((("segment", "local"), ("local", "local"), ("segment", "local")))
+    model, _ = load_model(retrieving, segment=SegmentConfig(8, 3, 0, 1), head_plan=local)
+    want = InferenceEngine(model).generate([prompt], 8).tokens[0]
+    assert out.strip() == "[0] " + " ".join(map(str, want))
+    assert _overridden_lines(err) == ["# overridden (--no-retrieval): running S=8 M=3 R=0, plan 4 local / 0 retrieval / "
+                                      "2 segment instead of the checkpoint's S=8 M=3 R=4, plan 3 local / 1 retrieval / "
+                                      "2 segment"]
+    assert generate.main(argv) == 0  # the checkpoint's own settings: retrieval changes the completion
+    out_own, err = capsys.readouterr()
+    assert not _overridden_lines(err) and out_own != out
+
+
+def test_full_attention_is_one_segment_of_the_max_context(checkpoint, retrieving, capsys):
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    prompt = [5, 9, 13, 7, 21, 3, 17, 11, 30, 8, 12, 40, 22, 6, 19, 25, 33, 9, 14, 10]
+    argv = ["--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "6", "--ignore-eos", "--no-stream",
+            "--full-attention"]
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint / "hf_ids").eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, 20:].tolist()
+    for path in (retrieving, checkpoint / "hf_ids"):  # a megaseg directory and the plain HF Llama (no settings of its own)
+        assert generate.main([str(path), *argv]) == 0
+        out, err = capsys.readouterr()
+        assert out.strip() == "[0] " + " ".join(map(str, want))
+        assert "S=256 M=0 R=0" in err  # the Llama's max_position_embeddings
+        assert len(_overridden_lines(err)) == (path == retrieving)
+    assert generate.main([str(retrieving), *argv, "--segment-length", "64"]) == 0
+    assert "S=64 M=0 R=0, plan 6 local / 0 retrieval / 0 segment" in _overridden_lines(capsys.readouterr().err)[0]
+
+
+@pytest.mark.parametrize("argv_tail, needle", [
+    (["--full-attention", "--retrieval-length", "4"], "--retrieval-length is invalid with --full-attention"),
+    (["--no-retrieval", "--retrieval-length", "4"], "--retrieval-length=4 is invalid with --no-retrieval"),
+])
+def test_contradicting_overrides_are_one_line_errors(retrieving, capsys, argv_tail, needle):
+    assert generate.main([str(retrieving), "--prompt-ids", "1,2", *argv_tail]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_text_of_a_pretraining_checkpoint_starts_without_bos(tmp_path, capsys):
+    """The run's samples had no BOS, so generate.py adds none (an HF import keeps its BOS)."""
+    from ..eval.test_modes_any_checkpoint import pretraining_checkpoint, train_tokenizer
+
+    tok = train_tokenizer(tmp_path / "tok.model")
+    ckpt = pretraining_checkpoint(tmp_path, tok)
+    prompt = "the big cat sat on the red mat"
+    n = len(TextTokenizer.load(tok, add_bos=False).encode(prompt))
+    assert generate.main([str(ckpt), "--prompt", prompt, "--max-new-tokens", "2", "--no-stream"]) == 0
+    assert f"1 prompt(s) of [{n}] tokens" in capsys.readouterr().err
+    assert generate.main([str(ckpt), "--prompt", prompt, "--max-new-tokens", "2", "--no-stream",
+                          "--tokenizer", str(tok)]) == 0  # another path to the same tokenizer: same model, no BOS
+    assert f"1 prompt(s) of [{n}] tokens" in capsys.readouterr().err
