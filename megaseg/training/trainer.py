@@ -90,7 +90,9 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
     (DeepSpeedModel, DeepSpeedOptimizer, OptimizerParamScheduler) from megaseg.training.deepspeed_backend.
 
     ``initial_weights`` (a reference state dict, HF Llama names) replaces the random init of
-    this rank's shard before the optimizer copies any parameter (continued pretraining).
+    this rank's shard before the optimizer copies any parameter (continued pretraining);
+    without it the weights are `megaseg.training.initialization.initial_weights` of the run
+    seed, the same at every parallel layout.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -111,8 +113,11 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
         config_overrides={"init_method_std": cfg.init_method_std, **stage.pop("config_overrides", {})},
         **stage,
     )
-    if initial_weights is not None:
-        load_reference_weights(gpt, initial_weights, model_config)
+    if initial_weights is None:
+        from megaseg.training.initialization import initial_weights as fresh_weights
+
+        initial_weights = fresh_weights(model_config, cfg.seed, cfg.init_method_std)
+    load_reference_weights(gpt, initial_weights, model_config)
     if cfg.deepspeed:
         from megaseg.training import deepspeed_backend
 

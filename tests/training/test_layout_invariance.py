@@ -1,0 +1,64 @@
+"""A fresh run's weights, and so its loss curve, are the same at every parallel layout: the
+same seed gives the one-process losses at PP 2, TP 2, CP 2 and DP 2 (one spawn, layouts in turn)."""
+import io
+
+import pytest
+import torch
+
+from megaseg.training.trainer import pretrain
+from tests.training.synthetic import PatternDataset, rel_close, spawn_ranks, tiny_config
+
+TRAIN = PatternDataset(32, 32, seed=5)
+LAYOUTS = {"pp2": dict(pp=2), "tp2": dict(tp=2), "cp2": dict(cp=2), "dp2": dict()}
+FLAGS = {"pp2": dict(pipeline_model_parallel_size=2), "tp2": dict(tensor_model_parallel_size=2),
+         "cp2": dict(context_parallel_size=2), "dp2": dict()}
+
+
+def _losses(**flags):
+    cfg = tiny_config(train_iters=3, lr_decay_iters=3, eval_iters=0, micro_batch_size=1, global_batch_size=4,
+                      untie_embeddings_and_output_weights=False, **flags)
+    return pretrain(cfg, cfg.model_config(cfg.vocab_size), TRAIN, None, out=io.StringIO()).losses
+
+
+def _rank(rank, port, out_dir):
+    from megaseg.megatron import parallel
+
+    torch.set_num_threads(1)
+    parallel.init_process_group(rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", timeout_s=120)
+    saved = {}
+    try:
+        for name, sizes in LAYOUTS.items():
+            parallel.initialize_model_parallel(**sizes)
+            saved[name] = _losses(**FLAGS[name])
+            parallel.destroy_model_parallel(destroy_process_group=False)
+        torch.save(saved, out_dir / f"rank{rank}.pt")
+    finally:
+        parallel.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def curves(model_parallel, tmp_path_factory):
+    one = _losses()
+    ranks, _ = spawn_ranks(_rank, tmp_path_factory, "layouts")
+    return one, ranks
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_fresh_run_has_the_one_process_loss_curve_at_every_layout(curves, layout):
+    one, ranks = curves
+    for rank in ranks:
+        got = rank[layout]
+        assert len(got) == len(one) and all(rel_close(a, b, 1e-5) for a, b in zip(got, one)), (layout, got, one)
+    assert one[-1] < one[0]
+
+
+def test_initial_weights_depend_on_the_seed_and_name_only():
+    from megaseg.training.initialization import initial_weights
+
+    cfg = tiny_config().model_config(64)
+    a, b, c = initial_weights(cfg, 1), initial_weights(cfg, 1), initial_weights(cfg, 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+    q0, q1 = a["model.layers.0.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"]
+    assert not torch.equal(q0, q1)  # every parameter has a stream of its own
+    assert abs(float(a["model.layers.0.mlp.down_proj.weight"].std()) - 0.02 / 2) < 2e-3  # 1/sqrt(2 x 2 layers)
