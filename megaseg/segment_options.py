@@ -58,19 +58,27 @@ PLAN_OPTIONS = ("head_plan_preset", "long_range_layers", "num_long_range_heads",
 SEGMENT_FIELDS = ("segment_length", "tail_length", "retrieval_length", "tbptt_k", "retrieval_group_reduce")
 
 
-def read_plan_file(path: str) -> HeadPlan:
+def read_plan_file(path: str, what: str = "head_plan_file") -> HeadPlan:
+    """The one reader of head plan JSON files, for pretraining, the tools and evaluation:
+    ``[[mode, ...] per layer]``, or an object holding that list under ``modes`` (the scores
+    sidecar ``tools/select_heads.py`` writes) or ``head_plan`` (a plan with its provenance).
+    ``what`` names the setting in error messages."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"head_plan_file={path!r} is invalid: no such file")
+        raise ConfigError(f"{what}={str(path)!r} is invalid: no such file")
     try:
         modes = json.loads(p.read_text())
-        if isinstance(modes, dict):  # a plan written with its provenance: {"head_plan": [...], ...}
-            modes = modes["head_plan"]
-        return HeadPlan(tuple(tuple(layer) for layer in modes))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"head_plan_file={path!r} is invalid: {e.msg} at line {e.lineno}") from None
-    except (KeyError, TypeError):
-        raise ConfigError(f"head_plan_file={path!r} is invalid: expected [[mode, ...] per layer]") from None
+        raise ConfigError(f"{what}={str(path)!r} is invalid: {e.msg} at line {e.lineno}") from None
+    if isinstance(modes, dict):
+        modes = modes.get("modes", modes.get("head_plan"))
+    if not isinstance(modes, list) or not all(isinstance(layer, list) for layer in modes):
+        raise ConfigError(f"{what}={str(path)!r} is invalid: expected [[mode, ...] per layer], or an object "
+                          "with it under 'modes' or 'head_plan'")
+    try:
+        return HeadPlan(tuple(tuple(layer) for layer in modes))
+    except ConfigError as e:
+        raise ConfigError(f"{what}={str(path)!r} is invalid: {e}") from None
 
 
 def head_plan_from(preset: str, num_layers: int, num_kv_groups: int, long_range_layers: Sequence[int] = (),

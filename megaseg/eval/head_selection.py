@@ -140,15 +140,7 @@ def write_plan(path: str | Path, record: dict) -> tuple[Path, Path]:
 
 
 def read_plan(path: str | Path) -> HeadPlan:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"head plan {str(p)!r} is invalid: no such file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"head plan {str(p)!r} is invalid: {e.msg} at line {e.lineno}") from None
-    if isinstance(data, dict):
-        data = data.get("modes")
-    if not isinstance(data, list):
-        raise ConfigError(f"head plan {str(p)!r} is invalid: expected a list of per-layer mode lists")
-    return HeadPlan(tuple(tuple(x) for x in data))
+    """A head plan file (or the scores sidecar `write_plan` writes): `megaseg.segment_options.read_plan_file`."""
+    from megaseg.segment_options import read_plan_file
+
+    return read_plan_file(str(path), what="head plan")

@@ -78,3 +78,27 @@ def test_plan_from_scores_and_files(tmp_path):
 def test_calibration_must_reach_past_the_segment():
     with pytest.raises(ConfigError, match="longer than segment_length"):
         score_heads(planted_model(), [torch.arange(S)], S)
+
+
+def test_one_reader_takes_every_plan_file_shape(tmp_path):
+    """Pretraining's --head-plan-file and evaluation read the same files: a bare list, the
+    scores sidecar select_heads writes ({"modes": ...}) and a plan with provenance
+    ({"head_plan": ...}); anything else is one line naming the setting."""
+    import json
+
+    from megaseg.config import ConfigError, HeadPlan
+    from megaseg.segment_options import read_plan_file
+
+    plan = HeadPlan((("local", "retrieval"), ("segment", "local")))
+    shapes = {"list": plan.to_list(), "sidecar": {"modes": plan.to_list(), "scores": [[0.1, 0.9]]},
+              "provenance": {"head_plan": plan.to_list(), "source": "x"}}
+    for name, data in shapes.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        assert read_plan_file(str(path)) == plan == read_plan(path), name
+    bad = tmp_path / "bad.json"
+    for data, needle in (({"layers": []}, "expected [[mode, ...] per layer]"), ([["local", "nope"]], "nope")):
+        bad.write_text(json.dumps(data))
+        with pytest.raises(ConfigError) as info:
+            read_plan_file(str(bad))
+        assert str(info.value).startswith(f"head_plan_file={str(bad)!r} is invalid") and needle in str(info.value)
