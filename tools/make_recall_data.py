@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the value space held out for evaluation, by a hash of the value (default 0.1)")
     p.add_argument("--mqar-pairs", type=int, default=16, help="key-value pairs per MQAR document (default 16)")
     p.add_argument("--mqar-queries", type=int, default=8, help="queried keys per MQAR document (default 8)")
+    p.add_argument("--copy-length", type=int, default=32,
+                   help="tokens of the span a copy document repeats at its end (default 32)")
     p.add_argument("--vt-hops", type=int, default=4, help="variables per variable-tracking chain (default 4)")
     p.add_argument("--vt-chains", type=int, default=2, help="chains (one asked, the rest distractors) (default 2)")
     p.add_argument("--append-bos", action="store_true", help="start every document with the tokenizer's bos")
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
             min_gap_segments=args.min_gap_segments, max_gap_segments=args.max_gap_segments,
             haystack_fraction=args.haystack_fraction, seed=args.seed, split=args.split,
             eval_fraction=args.eval_fraction, mqar_pairs=args.mqar_pairs, mqar_queries=args.mqar_queries,
+            copy_length=args.copy_length,
             vt_hops=args.vt_hops, vt_chains=args.vt_chains, append_bos=args.append_bos, corpus=args.corpus,
             corpus_bytes=args.corpus_bytes,
         )

@@ -58,7 +58,7 @@ from megaseg.eval.tasks import (
     Haystack,
 )
 
-RECALL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "mqar")
+RECALL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "mqar", "copy")
 HAYSTACK = "haystack"  # the task name of a plain-text document (no recall structure)
 SPLITS = ("train", "eval")
 
@@ -90,6 +90,7 @@ class RecallSettings:
     eval_fraction: float = 0.1
     mqar_pairs: int = 16
     mqar_queries: int = 8
+    copy_length: int = 32
     vt_hops: int = 4
     vt_chains: int = 2
     append_bos: bool = False
@@ -144,6 +145,7 @@ class RecallSettings:
         if self.mqar_queries > self.mqar_pairs:
             raise RecallError(f"mqar_queries={self.mqar_queries} is invalid: at most mqar_pairs={self.mqar_pairs} "
                               "(each query asks a different key)")
+        _positive_int("copy_length", self.copy_length)
         _positive_int("vt_hops", self.vt_hops)
         _positive_int("vt_chains", self.vt_chains)
         _positive_int("corpus_bytes", self.corpus_bytes)
@@ -301,7 +303,7 @@ class RecallGenerator:
         self.haystack = haystack or Haystack.from_source(_Encoder(tokenizer), settings.corpus, settings.corpus_bytes)
         self._enc_cache: dict[str, list[int]] = {}
         self._mqar = None
-        if "mqar" in settings.tasks and settings.haystack_fraction < 1.0:
+        if {"mqar", "copy"} & set(settings.tasks) and settings.haystack_fraction < 1.0:
             self._mqar = self._mqar_pools()
 
     def enc(self, text: str) -> list[int]:
@@ -407,6 +409,25 @@ class RecallGenerator:
             queries.text += ks + vs
         return [pairs], [], queries, None, sorted({v for _, v in values})
 
+    def _copy_task(self, rng):
+        """A span of random single-token words, repeated at the end: after its first token
+        every token of the repeat is predictable by copying (an induction head's task), so
+        it teaches a small model to copy from far back. The span's tokens are of this split,
+        as values are; the repeat is the question block, its tokens after the first are the
+        answers."""
+        s = self.settings
+        key_pool, value_pool = self._mqar
+        pool = list(value_pool) + [(t, k) for t, k in key_pool if value_split(k, s.eval_fraction) == s.split]
+        span = [rng.choice(pool) for _ in range(s.copy_length)]
+        target, repeat = _Piece("target", "", []), _Piece("question", "", [])
+        for i, (tid, text) in enumerate(span):
+            target.fields.append(("value", i, i + 1, text))
+            repeat.fields.append(("key" if i == 0 else "value", i, i + 1, text))
+            for piece in (target, repeat):
+                piece.ids.append(tid)
+                piece.text += text
+        return [target], [], repeat, None, sorted({text for _, text in span})
+
     # -- layout ------------------------------------------------------------------------------
     def document(self, index: int) -> RecallDocument:
         """Document ``index`` (deterministic in the settings, the split and the index)."""
@@ -433,6 +454,8 @@ class RecallGenerator:
             made = self._variable_tracking(rng)
         elif task == "mqar":
             made = self._mqar_task(rng)
+        elif task == "copy":
+            made = self._copy_task(rng)
         else:
             raise RecallError(f"task={task!r} is invalid: recall tasks are {', '.join(RECALL_TASKS)}")
         return self._layout(index, task, length, rng, *made)

@@ -156,7 +156,7 @@ def test_documents_and_sidecar_agree_with_sentencepiece(sp_data, tokenizer):
     assert gaps == {2, 3, 4}  # every allowed gap occurs
     # needles and questions are the eval templates' own token ids (encoding in parts changes nothing)
     for ids, rec in zip(docs, records):
-        if rec["task"] not in (HAYSTACK, "mqar"):
+        if rec["task"] not in (HAYSTACK, "mqar", "copy"):  # token lists, not templates
             for span in rec["needles"] + [rec["question"], rec["answer"]]:
                 assert ids[span["start"]:span["end"]] == tokenizer.tokenize(span["text"]), span
 
@@ -293,3 +293,15 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer):
         assert len(ran.stderr.strip().splitlines()) == 1, (case, ran.stderr)
         assert ran.stdout == "", case
     assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_documents_repeat_their_span(tmp_path, tokenizer):
+    settings, _, docs, records = _build(tmp_path, tokenizer.model_path, tasks=("copy",), documents=12, copy_length=20,
+                                        haystack_fraction=0.0)
+    _check_dataset(tokenizer, settings, docs, records)
+    for ids, rec in zip(docs, records):
+        (span,) = rec["needles"]
+        question = rec["question"]
+        assert span["end"] - span["start"] == question["end"] - question["start"] == 20
+        assert ids[span["start"]:span["end"]] == ids[question["start"]:question["end"]]
+        assert [a["start"] for a in rec["answers"]] == list(range(question["start"] + 1, question["end"]))
