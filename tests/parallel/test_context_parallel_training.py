@@ -61,7 +61,7 @@ def test_cp2_training_equals_cp1(runs):
     assert _all_close(cp2["straight"].losses, cp1.losses), (cp2["straight"].losses, cp1.losses)
     assert [it for it, _ in cp2["straight"].valid_losses] == [2, 4]
     assert _all_close([v for _, v in cp2["straight"].valid_losses], [v for _, v in cp1.valid_losses])
-    assert cp1.losses[-1] < cp1.losses[0]
+    assert len(set(cp1.losses)) == len(cp1.losses)  # every step changed the weights
 
 
 def test_checkpoints_move_between_cp2_and_cp1(runs):

@@ -44,7 +44,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(model_parallel, tmp_path
     assert resumed.start_iteration == 2
     assert first.losses == straight.losses[:2]
     assert resumed.losses == straight.losses[2:]  # bit-exact, not approximately
-    assert straight.losses[-1] < straight.losses[0]
+    assert len(set(straight.losses)) == len(straight.losses)  # every step changed the weights
     # Weights and optimizer moments at iteration 4 are identical too.
     a, b = _plain(straight.last_checkpoint), _plain(resumed.last_checkpoint)
     assert sorted(a) == sorted(b) and any(k.startswith("optimizer.") for k in a)
