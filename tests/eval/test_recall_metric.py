@@ -81,3 +81,36 @@ def test_recall_documents_tie_every_answer_to_its_needle(small_data, tmp_path):
             # the answer copies the needle's value tokens
             assert [doc.ids[p] for p in ans.needle] == doc.ids[ans.start : ans.end][: len(ans.needle)]
             assert max(ans.needle) < ans.start
+
+
+def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
+    import json
+
+    from megaseg.checkpoint.weights import save_model_dir
+    from megaseg.config import HeadPlan
+    from tools import make_recall_data, recall_eval
+
+    _, tokenizer = small_data
+    cfg = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      segment=SegmentConfig(64, 16, 16, 1), head_plan=HeadPlan.interleaved(2, 2, [1], 1))
+    save_model_dir(tmp_path / "model", SegmentedLlamaForCausalLM(cfg).state_dict(), cfg)
+    prefix = tmp_path / "recall"
+    assert make_recall_data.main(["--tokenizer-model", tokenizer, "--output-prefix", str(prefix), "--tasks", "mqar",
+                                  "--documents", "4", "--length", "256", "--segment-length", "64",
+                                  "--min-gap-segments", "2", "--max-gap-segments", "2", "--mqar-pairs", "4",
+                                  "--mqar-queries", "4", "--seed", "1"]) == 0
+    out = tmp_path / "rows.json"
+    modes = ["own", "no_retrieval", "full", "streaming=4:32", "small=32:8:8:1:1"]
+    argv = ["--checkpoint", f"m={tmp_path / 'model'}", "--data", f"1x={prefix}", "--json", str(out)]
+    assert recall_eval.main(argv + [x for m in modes for x in ("--mode", m)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["own", "no_retrieval", "full", "streaming32", "small"]
+    own = rows[0]
+    assert own["answers"] == 16 and own["outside_reach"] == 16  # gap 2 > the 16-token tail
+    assert set(own["hit_rate_per_head"]) == {"layer1_group0"} and 0.0 <= own["hit_rate"] <= 1.0
+    assert rows[1]["hit_rate_per_head"] == {} and rows[1]["outside_reach"] == 16 and rows[1]["hit_rate"] == 0.0
+    assert rows[2]["outside_reach"] == 0 and rows[4]["length"] == 256
+    with pytest.raises(SystemExit) as info:
+        recall_eval.main(argv[:2])
+    assert info.value.code == 2
+    assert recall_eval.main(argv + ["--mode", "bad=1:2"]) == 2

@@ -1,0 +1,135 @@
+"""Recall accuracy and retrieval hit rate of checkpoints on planted-recall datasets.
+
+    python tools/recall_eval.py --checkpoint aligned=runs/recall/segmented --checkpoint base=runs/recall/full \\
+        --data 1x=data/recall_eval_256 --data 4x=data/recall_eval_1024 \\
+        --mode own --mode no_retrieval --mode segmented=64:16:32:1:1 --json out.json
+
+Every (checkpoint, data, mode) is evaluated with `megaseg.eval.recall.recall_accuracy`:
+accuracy of every answer (teacher forced argmax), and for the answers whose needle lies
+beyond the segment and the carried tail, the accuracy there and the share whose needle the
+operator's retrieval actually picked (per retrieval head and for any of them), with the
+correct/wrong x retrieved/not retrieved table. Datasets are ``--output-prefix`` values of
+``tools/make_recall_data.py``. Modes:
+
+* ``own``: the checkpoint's segment settings and head plan;
+* ``no_retrieval``: the same with every retrieval group local and R = 0;
+* ``full``: full causal attention over the whole document;
+* ``streaming=SINKS:WINDOW``: StreamingLLM (attention sinks + a sliding window);
+* ``NAME=S:M:R:LAYERS:HEADS``: megaseg with S, M, R and the `interleaved` plan of
+  HEADS long-range KV groups in LAYERS (comma-separated; R = 0 gives an all-local plan).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megaseg.checkpoint.errors import CheckpointError  # noqa: E402
+from megaseg.config import ConfigError, HeadPlan, SegmentConfig  # noqa: E402
+from megaseg.segment_options import OneLineArgumentParser  # noqa: E402
+
+PROG = "recall_eval.py"
+
+
+def _named(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is invalid: expected NAME=VALUE")
+    return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", action="append", required=True, type=lambda t: _named(t, "checkpoint"),
+                   help="NAME=PATH of any checkpoint format (repeatable)")
+    p.add_argument("--data", action="append", required=True, type=lambda t: _named(t, "data"),
+                   help="NAME=PREFIX of a make_recall_data.py dataset (repeatable)")
+    p.add_argument("--mode", action="append", default=None,
+                   help="own | no_retrieval | full | streaming=SINKS:WINDOW | NAME=S:M:R:LAYERS:HEADS (repeatable; "
+                        "default: own)")
+    p.add_argument("--documents", type=int, default=40, help="documents per dataset (default 40)")
+    p.add_argument("--json", default=None, help="write every result here")
+    return p
+
+
+def parse_mode(text: str, model_config):
+    from megaseg.eval.modes import InferenceMode
+
+    if text in ("own", "no_retrieval", "full"):
+        return InferenceMode(text, kind={"own": "megaseg"}.get(text, text))
+    name, _, spec = text.partition("=")
+    if name == "streaming":
+        try:
+            sinks, window = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise ConfigError(f"mode {text!r} is invalid: expected streaming=SINKS:WINDOW") from None
+        return InferenceMode(f"streaming{window}", kind="streaming", sinks=sinks, window=window)
+    try:
+        S, M, R, layers, heads = spec.split(":")
+        S, M, R, heads = int(S), int(M), int(R), int(heads)
+        layers = [int(x) for x in layers.split(",") if x]
+    except ValueError:
+        raise ConfigError(f"mode {text!r} is invalid: expected own, no_retrieval, full, streaming=SINKS:WINDOW or "
+                          "NAME=S:M:R:LAYERS:HEADS") from None
+    L, G = model_config.num_layers, model_config.num_kv_heads
+    plan = HeadPlan.interleaved(L, G, layers, heads) if R else HeadPlan.all_local(L, G)
+    return InferenceMode(name, segment=SegmentConfig(S, M, R, 1), head_plan=plan)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    import torch
+
+    from megaseg.checkpoint.formats import read_model
+    from megaseg.eval.recall import load_recall_documents, recall_accuracy
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    try:
+        datasets = {name: load_recall_documents(prefix, limit=args.documents) for name, prefix in args.data}
+        for ck_name, path in args.checkpoint:
+            model = read_model(path).build().eval()
+            modes = [parse_mode(m, model.config) for m in (args.mode or ["own"])]
+            for data_name, docs in datasets.items():
+                for mode in modes:
+                    t = time.perf_counter()
+                    r = recall_accuracy(model, mode, docs)
+                    row = {"checkpoint": ck_name, "data": data_name, **vars(r), "seconds": time.perf_counter() - t}
+                    rows.append(row)
+                    print(_line(row), flush=True)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=_jsonable) + "\n")
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return "  -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:5.3f}"
+
+
+def _line(row: dict) -> str:
+    heads = " ".join(f"{h}={_fmt(v)}" for h, v in row["hit_rate_per_head"].items())
+    t = row["table"]
+    return (f"{row['checkpoint']:>10} {row['data']:>6} {row['mode']:>14} | length {row['length']:5d} | accuracy "
+            f"{_fmt(row['accuracy'])} ({row['answers']} answers) | beyond tail {row['outside_reach']:4d}: accuracy "
+            f"{_fmt(row['accuracy_outside_reach'])} hit rate {_fmt(row['hit_rate'])} {heads} | correct/wrong x "
+            f"retrieved/not {t['correct_retrieved']}/{t['correct_not_retrieved']}/{t['wrong_retrieved']}/"
+            f"{t['wrong_not_retrieved']}")
+
+
+def _jsonable(x):
+    return None if isinstance(x, float) and math.isnan(x) else str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
