@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-stream", action="store_true", help="print the completion only when done")
+    p.add_argument("--document-reset", choices=("auto", "on", "off"), default="auto",
+                   help="documents as the unit of state: after an EOD (the tokenizer's eos) the next token starts "
+                        "from an empty state (auto: as the checkpoint's run trained, --reset-attention-mask)")
     add_segment_options(p)
     add_override_options(p)
     return p
@@ -82,6 +85,23 @@ def _prompts(args, tokenizer: TextTokenizer | None) -> list[list[int]]:
     if not prompts:
         raise ConfigError("no prompt: pass --prompt, --prompt-file or --prompt-ids")
     return prompts
+
+
+def _document_eod(args, source, tokenizer) -> int | None:
+    """The EOD that resets the state under --document-reset (None: no reset)."""
+    mode = args.document_reset
+    if mode == "auto":
+        trained = False
+        if source.format == "training":
+            from megaseg.checkpoint.training import read_training_common
+
+            trained = bool(read_training_common(source.path)[1].get("args", {}).get("reset_attention_mask"))
+        mode = "on" if trained else "off"
+    if mode == "off":
+        return None
+    if tokenizer is None or tokenizer.eos_id is None:
+        raise ConfigError("document_reset=on is invalid: the tokenizer names no eos (the end of a document)")
+    return tokenizer.eos_id
 
 
 def run(args) -> int:
@@ -106,7 +126,8 @@ def run(args) -> int:
     stop = list(args.stop_token)
     if tokenizer is not None and tokenizer.eos_id is not None and not args.ignore_eos:
         stop.append(tokenizer.eos_id)
-    engine = InferenceEngine(model)
+    eod = _document_eod(args, source, tokenizer)
+    engine = InferenceEngine(model, document_eod=eod)
     stream = len(prompts) == 1 and not args.no_stream
     shown = {"text": "", "ids": []}
 

@@ -148,6 +148,23 @@ class BatchState:
             out.append(row)
         return out
 
+    def reset_rows(self, rows: Sequence[int]) -> None:
+        """Empty state for ``rows`` (a new document starts there: no tail, no pool, position 0)."""
+        reset = set(int(r) for r in rows)
+        if not reset:
+            return
+        groups, dev = [], None
+        for g in self.groups:
+            dev = g.rows.device
+            local = [li for li, r in enumerate(g.rows.tolist()) if r not in reset]
+            if local:
+                idx = torch.tensor(local, dtype=torch.long, device=dev)
+                groups.append(SequenceGroup(g.rows.index_select(0, idx), [_index_state(st, idx) for st in g.states]))
+        layers = len(self._groups[0].states) if self._groups else 0
+        groups.append(SequenceGroup(torch.tensor(sorted(reset), dtype=torch.long, device=dev),
+                                    [LayerState() for _ in range(layers)]))
+        self.groups = _merge_equal_positions(groups)
+
     def nbytes(self) -> dict[str, int]:
         """Bytes of state: ``pool`` (retrieval history) and ``bounded`` (everything else)."""
         pool = bounded = 0
@@ -229,10 +246,15 @@ class InferenceEngine:
     ``model`` is a ``SegmentedLlamaForCausalLM`` or anything with the same ``model``
     (embed_tokens, layers, norm) and ``lm_head`` submodules, e.g. the exported Hugging
     Face model; ``config`` defaults to ``model.config``.
+
+    ``document_eod``: documents are the unit of state (docs/semantics.md §8, for models
+    trained with ``--reset-attention-mask``): the token after this id starts with an empty
+    state, in a prompt and in decode, so a document's logits are those it has alone.
     """
 
-    def __init__(self, model, config: ModelConfig | None = None):
+    def __init__(self, model, config: ModelConfig | None = None, document_eod: int | None = None):
         self.model = model
+        self.document_eod = document_eod
         self.config = config if config is not None else model.config
         if not isinstance(self.config, ModelConfig):
             raise TypeError("InferenceEngine needs a megaseg ModelConfig (pass config=...)")
@@ -254,6 +276,8 @@ class InferenceEngine:
         ids = [self._as_ids(p, i) for i, p in enumerate(prompts)]
         if not ids:
             raise ValueError("prefill needs at least one prompt")
+        if self.document_eod is not None:
+            return self._prefill_documents(ids, all_logits)
         by_len: dict[int, list[int]] = {}
         for i, t in enumerate(ids):
             by_len.setdefault(t.numel(), []).append(i)
@@ -270,6 +294,52 @@ class InferenceEngine:
                 for j, r in enumerate(rows):
                     full[r] = logits_all[j]
             groups.append(SequenceGroup(torch.tensor(rows, dtype=torch.long, device=self.device), states))
+        return (full if all_logits else last), BatchState(groups, len(ids))
+
+    def _prefill_documents(self, ids: list[torch.Tensor], all_logits: bool):
+        """`prefill` with document reset: what precedes a prompt's last EOD is documents of
+        their own (run alone, for their logits); the state continues from the part after it,
+        empty when the prompt ends with the EOD."""
+        eod = self.document_eod
+        heads, tails = [], []
+        for t in ids:
+            ends = (torch.nonzero(t == eod).flatten() + 1).tolist()
+            cut = ends[-1] if ends else 0
+            heads.append([t[s:e] for s, e in zip([0] + ends[:-1], ends)])
+            tails.append(t[cut:])
+        live = [i for i, t in enumerate(tails) if t.numel()]
+        logits_live, live_state = (None, None)
+        if live:
+            self.document_eod, saved = None, self.document_eod  # the tails hold no EOD
+            try:
+                logits_live, live_state = self.prefill([tails[i] for i in live], all_logits)
+            finally:
+                self.document_eod = saved
+        last = torch.empty(len(ids), self.config.vocab_size, device=self.device)
+        full: list[torch.Tensor | None] = [None] * len(ids)
+        for i in range(len(ids)):
+            parts = []
+            for doc in heads[i]:
+                if all_logits or (i not in live and doc is heads[i][-1]):
+                    hidden_last, doc_logits, _ = self._prefill_group(doc[None], all_logits)
+                    parts.append(doc_logits[0] if all_logits else None)
+                    if i not in live and doc is heads[i][-1]:
+                        last[i] = self.lm_head(hidden_last)[0].to(last.dtype)
+            if i in live:
+                k = live.index(i)
+                last[i] = (logits_live[k][-1] if all_logits else logits_live[k]).to(last.dtype)
+                parts.append(logits_live[k] if all_logits else None)
+            if all_logits:
+                full[i] = torch.cat(parts, 0)
+        groups = []
+        if live:
+            for g in live_state.groups:
+                groups.append(SequenceGroup(torch.tensor([live[r] for r in g.rows.tolist()], dtype=torch.long,
+                                                         device=self.device), g.states))
+        fresh = [i for i in range(len(ids)) if i not in live]
+        if fresh:
+            groups.append(SequenceGroup(torch.tensor(fresh, dtype=torch.long, device=self.device),
+                                        [LayerState() for _ in range(self.config.num_layers)]))
         return (full if all_logits else last), BatchState(groups, len(ids))
 
     def _prefill_group(self, ids_BL: torch.Tensor, all_logits: bool):
@@ -320,6 +390,8 @@ class InferenceEngine:
             like = self.decoder.layers[0].self_attn.k_proj.weight
             layers = [_RowsLayer(rs) for rs in state.rows_states(cores, like)]
             hidden, _ = self.decoder(tokens_B[:, None], layers)
+        if self.document_eod is not None:  # an EOD ends its document: the next token starts afresh
+            state.reset_rows([r for r, t in enumerate(tokens_B.tolist()) if t == self.document_eod])
         return self.lm_head(hidden)[:, 0]
 
     # ---- generate -----------------------------------------------------------------------

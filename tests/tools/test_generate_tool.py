@@ -168,3 +168,15 @@ def test_text_of_a_pretraining_checkpoint_starts_without_bos(tmp_path, capsys):
     assert generate.main([str(ckpt), "--prompt", prompt, "--max-new-tokens", "2", "--no-stream",
                           "--tokenizer", str(tok)]) == 0  # another path to the same tokenizer: same model, no BOS
     assert f"1 prompt(s) of [{n}] tokens" in capsys.readouterr().err
+
+
+def test_document_reset_continues_the_last_document_as_if_alone(checkpoint, capsys):
+    """--document-reset on: a prompt of two documents (eos = 2 between them) completes as the
+    second alone; off (the default for this checkpoint) the first one changes the completion."""
+    first, second = "3,9,14,22,30,41,5,17,8,26,33", "11,4,27,19,35,6,23,12,40,15"
+    base = [str(checkpoint / "ms"), "--max-new-tokens", "12", "--ignore-eos", "--no-stream"]
+    outs = []
+    for prompt, reset in ((f"{first},2,{second}", "on"), (second, "off"), (f"{first},2,{second}", "off")):
+        assert generate.main(base + ["--prompt-ids", prompt, "--document-reset", reset]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[2] != outs[1]
