@@ -153,6 +153,8 @@ class PretrainConfig:
         None, "initialise the model from a Hugging Face Llama directory, a megaseg model directory or a pretraining "
         "checkpoint (fresh optimizer and schedule; the architecture and tokenizer come from it; --load wins once "
         "this run has saved)", "checkpointing")
+    keep_last_n: int = _f(0, "keep only the newest N checkpoints in --save (0 = all); the one this run resumed "
+                          "from is never deleted", "checkpointing")
     overwrite_checkpoints: bool = _f(
         False, "start from scratch even though --save holds checkpoints (they are removed once this run's first "
         "checkpoint is complete); without it, --save holding another run's checkpoints is an error and this run's "
@@ -219,6 +221,8 @@ class PretrainConfig:
                   f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.eval_iters < 0:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if self.keep_last_n < 0:
+            _fail("keep_last_n", self.keep_last_n, "must be >= 0 (0 = keep every checkpoint)")
         if self.reset_position_ids != self.reset_attention_mask:
             _fail("reset_position_ids", self.reset_position_ids,
                   f"must equal reset_attention_mask ({self.reset_attention_mask}): a document restarts its segment "

@@ -66,6 +66,23 @@ def claim_save_directory(cfg, say=print):
     return dataclasses.replace(cfg, load=cfg.save)
 
 
+def prune_checkpoints(root: str, keep_last_n: int, protect: str | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last_n`` iter_* checkpoints of ``root``, never
+    ``protect`` (the checkpoint a run resumed from). Called after a save is complete (its
+    tracker written), so a crash here loses nothing that the tracker names. Rank 0's job."""
+    found = sorted((int(name[len("iter_"):]), name) for name in os.listdir(root)
+                   if name.startswith("iter_") and name[len("iter_"):].isdigit() and os.path.isdir(os.path.join(root, name)))
+    kept = {name for _, name in found[-keep_last_n:]} if keep_last_n else {name for _, name in found}
+    removed = []
+    for _, name in found:
+        path = os.path.join(root, name)
+        if name in kept or (protect and os.path.realpath(path) == os.path.realpath(protect)):
+            continue
+        shutil.rmtree(path)
+        removed.append(name)
+    return removed
+
+
 def remove_other_checkpoints(root: str, keep: str) -> list[str]:
     """Delete every iter_* checkpoint of ``root`` but ``keep`` (rank 0's job; the tracker
     already names ``keep``). Returns the removed directory names."""

@@ -532,7 +532,7 @@ def pretrain(
     monitor = TrainingMonitor(cfg.tensorboard_dir, cfg.log_interval, cfg.train_iters, enabled=is_logger, out=out)
     say = monitor.log
 
-    from megaseg.training.ownership import claim_save_directory, remove_other_checkpoints
+    from megaseg.training.ownership import claim_save_directory, prune_checkpoints, remove_other_checkpoints
 
     cfg = claim_save_directory(cfg, say)
     resume_from = locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save) if cfg.load else None
@@ -599,6 +599,11 @@ def pretrain(
         )
         saved_at = iteration
         say(f"saved checkpoint {last_checkpoint} ({time.perf_counter() - t:.1f} s)")
+        if cfg.keep_last_n:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                prune_checkpoints(cfg.save, cfg.keep_last_n, protect=resume_from)
+            if dist.is_initialized():
+                dist.barrier()
         if cfg.overwrite_checkpoints and resume_from is None and not replaced:
             replaced.append(last_checkpoint)
             if not dist.is_initialized() or dist.get_rank() == 0:

@@ -231,3 +231,14 @@ def test_overwrite_checkpoints_starts_over_and_replaces_them_once_it_has_saved(m
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", checkpointing.TRACKER]
     assert (root / checkpointing.TRACKER).read_text().strip() == "2"
     assert checkpointing.read_training_common(str(root))[1]["args"]["hidden_size"] == 48
+
+
+def test_keep_last_n_keeps_the_newest_and_the_one_resumed_from(model_parallel, tmp_path):
+    root = tmp_path / "ckpt"
+    _run(tiny_config(tmp_path, train_iters=4, lr_decay_iters=6, save_interval=1, keep_last_n=2))
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000004", checkpointing.TRACKER]
+    resumed = _run(tiny_config(tmp_path, train_iters=6, lr_decay_iters=6, save_interval=1, keep_last_n=1,
+                               load=str(root / "iter_0000003")))
+    assert resumed.start_iteration == 3
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000006", checkpointing.TRACKER]
+    assert (root / checkpointing.TRACKER).read_text().strip() == "6"
