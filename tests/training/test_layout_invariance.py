@@ -1,5 +1,6 @@
 """A fresh run's weights, and so its loss curve, are the same at every parallel layout: the
-same seed gives the one-process losses at PP 2, TP 2, CP 2 and DP 2 (one spawn, layouts in turn)."""
+same seed gives the one-process losses at PP 2, TP 2, CP 2 and DP 2 (one spawn, layouts in turn);
+and a DP 2 run resumed on one process reads the same samples in the same order."""
 import io
 
 import pytest
@@ -29,7 +30,8 @@ def _rank(rank, port, out_dir):
     try:
         for name, sizes in LAYOUTS.items():
             parallel.initialize_model_parallel(**sizes)
-            saved[name] = _losses(**FLAGS[name])
+            save = dict(save=str(out_dir / "dp2"), save_interval=2) if name == "dp2" else {}
+            saved[name] = _losses(**FLAGS[name], **save)
             parallel.destroy_model_parallel(destroy_process_group=False)
         torch.save(saved, out_dir / f"rank{rank}.pt")
     finally:
@@ -39,17 +41,23 @@ def _rank(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def curves(model_parallel, tmp_path_factory):
     one = _losses()
-    ranks, _ = spawn_ranks(_rank, tmp_path_factory, "layouts")
-    return one, ranks
+    ranks, out_dir = spawn_ranks(_rank, tmp_path_factory, "layouts")
+    resumed = _losses(load=str(out_dir / "dp2" / "iter_0000002"))  # DP 2's checkpoint, one process
+    return one, ranks, resumed
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_fresh_run_has_the_one_process_loss_curve_at_every_layout(curves, layout):
-    one, ranks = curves
+    one, ranks, _ = curves
     for rank in ranks:
         got = rank[layout]
         assert len(got) == len(one) and all(rel_close(a, b, 1e-5) for a, b in zip(got, one)), (layout, got, one)
     assert one[-1] < one[0]
+
+
+def test_a_dp2_checkpoint_resumes_on_one_process_with_the_same_samples(curves):
+    one, _, resumed = curves
+    assert len(resumed) == 1 and rel_close(resumed[0], one[2], 1e-5), (resumed, one)
 
 
 def test_initial_weights_depend_on_the_seed_and_name_only():
