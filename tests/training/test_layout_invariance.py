@@ -32,10 +32,38 @@ def _rank(rank, port, out_dir):
             parallel.initialize_model_parallel(**sizes)
             save = dict(save=str(out_dir / "dp2"), save_interval=2) if name == "dp2" else {}
             saved[name] = _losses(**FLAGS[name], **save)
+            if name == "cp2":
+                saved["nan"] = _nan_forward_step(rank)
             parallel.destroy_model_parallel(destroy_process_group=False)
         torch.save(saved, out_dir / f"rank{rank}.pt")
     finally:
         parallel.destroy_model_parallel()
+
+
+def _nan_forward_step(rank):
+    """One train_step at CP 2 whose forward turns NaN in one segment of rank 1's chunk only:
+    (update made, weights unchanged) on this rank."""
+    from megaseg.training import trainer
+    from megaseg.training.batches import rank_microbatches
+
+    cfg = tiny_config(context_parallel_size=2, micro_batch_size=1, global_batch_size=4, eval_iters=0)
+    model, optimizer, scheduler = trainer.setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def poison(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[: cfg.segment_length] = float("nan")  # [tokens, batch, hidden]: the chunk's first segment
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.module.decoder.layers[0].register_forward_hook(poison) if rank == 1 else None
+    try:
+        metrics = trainer.train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg), cfg, bf16=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    return metrics.update_successful, unchanged
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +81,11 @@ def test_a_fresh_run_has_the_one_process_loss_curve_at_every_layout(curves, layo
         got = rank[layout]
         assert len(got) == len(one) and all(rel_close(a, b, 1e-5) for a, b in zip(got, one)), (layout, got, one)
     assert one[-1] < one[0]
+
+
+def test_a_nan_in_one_ranks_forward_skips_the_step_on_every_rank(curves):
+    _, ranks, _ = curves
+    assert [rank["nan"] for rank in ranks] == [(False, True), (False, True)]
 
 
 def test_a_dp2_checkpoint_resumes_on_one_process_with_the_same_samples(curves):
