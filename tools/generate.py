@@ -91,12 +91,9 @@ def _document_eod(args, source, tokenizer) -> int | None:
     """The EOD that resets the state under --document-reset (None: no reset)."""
     mode = args.document_reset
     if mode == "auto":
-        trained = False
-        if source.format == "training":
-            from megaseg.checkpoint.training import read_training_common
+        from megaseg.hf.convert import document_eod_of
 
-            trained = bool(read_training_common(source.path)[1].get("args", {}).get("reset_attention_mask"))
-        mode = "on" if trained else "off"
+        mode = "on" if document_eod_of(source) is not None else "off"
     if mode == "off":
         return None
     if tokenizer is None or tokenizer.eos_id is None:

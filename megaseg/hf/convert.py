@@ -95,6 +95,9 @@ def export_hf_checkpoint(
     write_hf_directory(out_dir, sd, src.config, src.hf, segmented)
     if original is not None:
         record_overrides(out_dir, original)
+    eod = document_eod_of(src)
+    if eod is not None:
+        _update_megaseg_section(out_dir, document_eod=eod)
     tokenizer = tokenizer if tokenizer is not None else src.tokenizer
     if tokenizer is not None:
         copy_tokenizer_files(tokenizer, out_dir)
@@ -108,6 +111,34 @@ def check_sliding_window(src, source: str) -> None:
     family = FAMILIES.get((src.hf or {}).get("model_type") or "llama")
     if family is not None:
         check_window(src.hf, family, src.config.segment, source)
+
+
+def document_eod_of(src) -> int | None:
+    """The EOD after which a model's state restarts (docs/semantics.md §8), or None: set for
+    a pretraining run trained with --reset-attention-mask (its tokenizer's eod) and kept by
+    its exports (``megaseg.document_eod`` in config.json)."""
+    from megaseg.checkpoint.formats import TRAINING
+
+    if src.format == TRAINING:
+        from megaseg.checkpoint.training import read_training_common
+        from megaseg.data.tokenizer import load_tokenizer
+
+        args = read_training_common(src.path)[1].get("args") or {}
+        if not args.get("reset_attention_mask") or src.tokenizer is None:
+            return None
+        return int(load_tokenizer(src.tokenizer).eod)
+    config = Path(src.path) / "config.json"
+    if config.is_file():
+        eod = (json.loads(config.read_text()).get("megaseg") or {}).get("document_eod")
+        return None if eod is None else int(eod)
+    return None
+
+
+def _update_megaseg_section(out_dir: str | os.PathLike, **fields) -> None:
+    path = Path(out_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config["megaseg"].update(fields)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def record_overrides(out_dir: str | os.PathLike, original: ModelConfig) -> None:

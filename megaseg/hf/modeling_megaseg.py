@@ -111,7 +111,9 @@ class MegasegLlamaForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("MegasegLlamaForCausalLM takes input_ids (inputs_embeds are not supported)")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        engine = InferenceEngine(self, self.megaseg_config)
+        # A model trained with documents as the unit of state restarts after its EOD.
+        eod = (getattr(self.config, "megaseg", None) or {}).get("document_eod")
+        engine = InferenceEngine(self, self.megaseg_config, document_eod=eod)
         B, L = input_ids.shape
         last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and labels is None
         if cache is None:

@@ -67,3 +67,55 @@ def test_a_prompt_ending_with_its_eod_starts_the_next_document_empty(model):
     assert state.positions() == [0]
     logits = engine.decode(torch.tensor([int(B[0])]), state)
     torch.testing.assert_close(logits[0], InferenceEngine(model).prefill([B[:1]])[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_trained_with_reset_exports_a_model_that_restarts_after_its_eod(tmp_path):
+    """Pretraining with --reset-attention-mask -> HF export records megaseg.document_eod (the
+    tokenizer's eos), and the exported transformers model runs a two-document stream as two
+    documents; generate.py's auto mode finds the setting in both formats."""
+    import io
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from megaseg.checkpoint.formats import read_model
+    from megaseg.hf.convert import document_eod_of, export_hf_checkpoint
+    from megaseg.megatron import parallel
+    from megaseg.training.trainer import pretrain
+    from tests.eval.test_modes_any_checkpoint import train_tokenizer
+    from tests.training.synthetic import tiny_config
+
+    class Packed:  # documents of random tokens ending with eos = 2, the tokenizer's
+        config = SimpleNamespace(tokenizer=SimpleNamespace(eod=2))
+
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x = torch.randint(3, 60, (8, 33), generator=g)
+            self.x[:, 11] = 2
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"tokens": self.x[i, :-1].clone(), "labels": self.x[i, 1:].clone()}
+
+    tok = train_tokenizer(tmp_path / "tok.model")
+    parallel.initialize_model_parallel(tp=1, pp=1, seed=1234)
+    try:
+        cfg = tiny_config(tmp_path, train_iters=2, eval_iters=0, tokenizer_model=str(tok), reset_attention_mask=True,
+                          reset_position_ids=True)
+        pretrain(cfg, cfg.model_config(cfg.vocab_size), Packed(), out=io.StringIO())
+    finally:
+        parallel.destroy_model_parallel()
+    ckpt = tmp_path / "ckpt"
+    assert document_eod_of(read_model(ckpt, weights=False)) == 2
+    export_hf_checkpoint(ckpt, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["megaseg"]["document_eod"] == 2
+    assert document_eod_of(read_model(tmp_path / "hf", weights=False)) == 2
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    a, b = [5, 9, 14, 22, 30, 41, 17, 8, 26, 33, 2], [11, 4, 27, 19, 35, 6, 23, 12, 40, 15]
+    with torch.no_grad():
+        stream = hf(torch.tensor([a + b])).logits[0, len(a):]
+        alone = hf(torch.tensor([b])).logits[0]
+    torch.testing.assert_close(stream, alone, atol=1e-5, rtol=1e-5)
