@@ -32,6 +32,9 @@ while true; do
     status=$?
     kill -0 "$launcher" 2>/dev/null || break  # wait returned for a trapped signal: keep waiting
 done
+if [ -z "$signalled" ] && [ "$status" -ne 0 ]; then
+    echo "pretrain_torchrun.sh: the run failed (status $status; torchrun's report above names the failed rank); the same command resumes from the last complete checkpoint" >&2
+fi
 if [ -n "$signalled" ]; then
     if [ "$status" -eq 0 ]; then
         echo "pretrain_torchrun.sh: $signalled: every rank saved a checkpoint at the same step; resume with the same command" >&2

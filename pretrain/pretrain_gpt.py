@@ -211,7 +211,7 @@ def run(cfg: PretrainConfig) -> int:
         )
     parallel.initialize_model_parallel(
         tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size, cp=cfg.context_parallel_size,
-        seed=cfg.seed,
+        seed=cfg.seed, timeout_s=cfg.distributed_timeout_minutes * 60,
     )
     try:
         # Everything that can be checked cheaply is checked before data preparation.

@@ -91,6 +91,7 @@ def initialize_model_parallel(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     cpu_compat.apply()
     init_process_group(**process_group_kwargs)
+    timeout_minutes = process_group_kwargs.get("timeout_s", 600.0) / 60  # the subgroups wait as long
     world_size = dist.get_world_size()
     if world_size % (tp * pp * cp) != 0:
         raise ValueError(
@@ -104,6 +105,7 @@ def initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
+        distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)
 

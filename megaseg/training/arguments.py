@@ -153,6 +153,9 @@ class PretrainConfig:
         None, "initialise the model from a Hugging Face Llama directory, a megaseg model directory or a pretraining "
         "checkpoint (fresh optimizer and schedule; the architecture and tokenizer come from it; --load wins once "
         "this run has saved)", "checkpointing")
+    distributed_timeout_minutes: float = _f(
+        10.0, "a collective or point-to-point exchange waiting longer than this fails the run (a hung or lost "
+        "rank) instead of hanging it", "parallel")
     keep_last_n: int = _f(0, "keep only the newest N checkpoints in --save (0 = all); the one this run resumed "
                           "from is never deleted", "checkpointing")
     overwrite_checkpoints: bool = _f(
@@ -221,6 +224,8 @@ class PretrainConfig:
                   f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if self.eval_iters < 0:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
+        if not self.distributed_timeout_minutes > 0:
+            _fail("distributed_timeout_minutes", self.distributed_timeout_minutes, "must be > 0")
         if self.keep_last_n < 0:
             _fail("keep_last_n", self.keep_last_n, "must be >= 0 (0 = keep every checkpoint)")
         if self.reset_position_ids != self.reset_attention_mask:

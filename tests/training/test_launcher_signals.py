@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.checkpoint.conftest import TINY_FLAGS, subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,14 +25,53 @@ def _command(prefix, tokenizer, save):
             "--context-parallel-size", "2", "--train-iters", str(ITERS), "--save", str(save), "--save-interval", "100"]
 
 
-def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp_path):
+ENV = {**subprocess_env(), "NPROC": "2", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def straight(small_data, tmp_path_factory):
+    """The uninterrupted run's losses."""
     prefix, tokenizer = small_data
-    env = {**subprocess_env(), "NPROC": "2", "PYTHONUNBUFFERED": "1"}
-    straight = subprocess.run(_command(prefix, tokenizer, tmp_path / "straight"), cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    want = _losses(straight.stdout)
-    assert len(want) == ITERS
+    cwd = tmp_path_factory.mktemp("straight")
+    run = subprocess.run(_command(prefix, tokenizer, cwd / "ckpt"), cwd=cwd, env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = _losses(run.stdout)
+    assert len(losses) == ITERS
+    return losses
+
+
+def _wait_for_iterations(log: Path, n: int, proc) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(_losses(log.read_text())) < n:
+        time.sleep(0.2)
+
+
+def _ranks(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the ranks torchrun (the launcher's child) started."""
+    out = {}
+    for torchrun in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+        for pid in subprocess.run(["pgrep", "-P", torchrun], capture_output=True, text=True).stdout.split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next(int(e.split(b"=", 1)[1]) for e in environ if e.startswith(b"RANK="))
+            out[rank] = int(pid)
+    return out
+
+
+def _resume_matches(prefix, tokenizer, save, tmp_path, first, want):
+    stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
+    again = subprocess.run(_command(prefix, tokenizer, save), cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"holds this run's checkpoint at iteration {stopped}: resuming" in again.stdout
+    got = first[:stopped] + _losses(again.stdout)
+    assert len(got) == ITERS and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (got, want)
+    return stopped
+
+
+def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp_path, straight):
+    prefix, tokenizer = small_data
+    env, want = ENV, straight
 
     save = tmp_path / "run"
     log = open(tmp_path / "run.log", "w+")
@@ -50,10 +91,30 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped == len(first) < ITERS
     assert [p.name for p in save.iterdir() if p.name.startswith("iter_")] == [f"iter_{stopped:07d}"]
+    _resume_matches(prefix, tokenizer, save, tmp_path, first, want)
 
-    again = subprocess.run(_command(prefix, tokenizer, save), cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"holds this run's checkpoint at iteration {stopped}: resuming" in again.stdout
-    got = first + _losses(again.stdout)
-    assert len(got) == ITERS and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (got, want)
+
+def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resumes(small_data, tmp_path, straight):
+    """kill -9 of rank 1 mid-run: the launcher exits non-zero within a bounded time, torchrun's
+    report names rank 1, the last complete checkpoint verifies, and the resume matches."""
+    from megaseg.checkpoint.training import find_checkpoint, verify_checkpoint
+
+    prefix, tokenizer = small_data
+    save = tmp_path / "run"
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_command(prefix, tokenizer, save) + ["--save-interval", "2"], cwd=tmp_path, env=ENV,
+                                stdout=out, stderr=subprocess.PIPE, text=True)
+        _wait_for_iterations(log, 5, proc)
+        ranks = _ranks(proc.pid)
+        assert sorted(ranks) == [0, 1]
+        killed = time.time()
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    took = time.time() - killed
+    assert proc.returncode != 0 and took < 120, (proc.returncode, took)
+    assert "rank      : 1" in err and "exitcode  : -9" in err, err[-3000:]
+    assert "pretrain_torchrun.sh: the run failed" in err
+    verify_checkpoint(find_checkpoint(str(save)))
+    stopped = _resume_matches(prefix, tokenizer, save, tmp_path, _losses(log.read_text()), straight)
+    assert stopped >= 4 and stopped % 2 == 0
