@@ -118,3 +118,42 @@ def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resum
     verify_checkpoint(find_checkpoint(str(save)))
     stopped = _resume_matches(prefix, tokenizer, save, tmp_path, _losses(log.read_text()), straight)
     assert stopped >= 4 and stopped % 2 == 0
+
+
+def _hung_peer_rank(rank, port, out_dir):
+    """CP 2 with a 4-second distributed timeout: rank 1 never sends its tail; rank 0's
+    receive in the context-parallel group must fail instead of waiting forever."""
+    from megatron.core import parallel_state as ps
+
+    from megaseg.megatron import parallel
+
+    parallel.initialize_model_parallel(cp=2, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                       timeout_s=4)
+    outcome = "no error"
+    try:
+        if rank == 0:
+            import torch
+            import torch.distributed as dist
+
+            start = time.time()
+            buf = torch.empty(4)
+            try:
+                dist.irecv(buf, 1, group=ps.get_context_parallel_group(), tag=7).wait()
+            except RuntimeError as exc:
+                outcome = f"{time.time() - start:.1f} s: {str(exc).splitlines()[0][:80]}"
+        else:
+            time.sleep(12)  # hung: never sends
+    finally:
+        (out_dir / f"rank{rank}.txt").write_text(outcome)
+        parallel.destroy_model_parallel()
+
+
+def test_a_hung_peer_fails_the_exchange_after_the_distributed_timeout(tmp_path):
+    import torch.multiprocessing as mp
+
+    from megaseg.megatron.parallel import free_port
+
+    mp.spawn(_hung_peer_rank, args=(free_port(), tmp_path), nprocs=2, join=True)
+    outcome = (tmp_path / "rank0.txt").read_text()
+    assert outcome != "no error", outcome
+    assert float(outcome.split(" s:")[0]) < 10, outcome
