@@ -1,5 +1,5 @@
 """Preemption of a multi-rank job through the launcher: SIGTERM to examples/pretrain_torchrun.sh
-(CP 2 over two gloo ranks) makes every rank save at the same step, the launcher exits 0 with
+(CP 2 and PP 2 over two gloo ranks) makes every rank save at the same step, the launcher exits 0 with
 one line, and the same command resumes and reproduces the uninterrupted run's losses."""
 import os
 import signal
@@ -20,9 +20,12 @@ def _losses(text):
     return [float(line.split("| loss ")[1].split()[0]) for line in text.splitlines() if line.startswith("iteration ")]
 
 
-def _command(prefix, tokenizer, save):
-    return ["bash", str(SCRIPT), *TINY_FLAGS, "--data-path", prefix, "--tokenizer-model", tokenizer,
-            "--context-parallel-size", "2", "--train-iters", str(ITERS), "--save", str(save), "--save-interval", "100"]
+LAYOUTS = {"cp2": ["--context-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
+
+
+def _command(prefix, tokenizer, save, layout="cp2"):
+    return ["bash", str(SCRIPT), *TINY_FLAGS, "--data-path", prefix, "--tokenizer-model", tokenizer, *LAYOUTS[layout],
+            "--train-iters", str(ITERS), "--save", str(save), "--save-interval", "100"]
 
 
 ENV = {**subprocess_env(), "NPROC": "2", "PYTHONUNBUFFERED": "1"}
@@ -30,11 +33,15 @@ ENV = {**subprocess_env(), "NPROC": "2", "PYTHONUNBUFFERED": "1"}
 
 @pytest.fixture(scope="module")
 def straight(small_data, tmp_path_factory):
-    """The uninterrupted run's losses."""
+    """The uninterrupted run's losses (CP 2)."""
+    return _straight(small_data, tmp_path_factory, "cp2")
+
+
+def _straight(small_data, tmp_path_factory, layout):
     prefix, tokenizer = small_data
     cwd = tmp_path_factory.mktemp("straight")
-    run = subprocess.run(_command(prefix, tokenizer, cwd / "ckpt"), cwd=cwd, env=ENV, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(_command(prefix, tokenizer, cwd / "ckpt", layout), cwd=cwd, env=ENV, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     losses = _losses(run.stdout)
     assert len(losses) == ITERS
@@ -58,10 +65,10 @@ def _ranks(launcher_pid: int) -> dict[int, int]:
     return out
 
 
-def _resume_matches(prefix, tokenizer, save, tmp_path, first, want):
+def _resume_matches(prefix, tokenizer, save, tmp_path, first, want, layout="cp2"):
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
-    again = subprocess.run(_command(prefix, tokenizer, save), cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(_command(prefix, tokenizer, save, layout), cwd=tmp_path, env=ENV, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"holds this run's checkpoint at iteration {stopped}: resuming" in again.stdout
     got = first[:stopped] + _losses(again.stdout)
@@ -69,13 +76,16 @@ def _resume_matches(prefix, tokenizer, save, tmp_path, first, want):
     return stopped
 
 
-def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp_path, straight):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp_path, tmp_path_factory, straight,
+                                                                 layout):
     prefix, tokenizer = small_data
-    env, want = ENV, straight
+    env = ENV
+    want = straight if layout == "cp2" else _straight(small_data, tmp_path_factory, layout)
 
     save = tmp_path / "run"
     log = open(tmp_path / "run.log", "w+")
-    proc = subprocess.Popen(_command(prefix, tokenizer, save), cwd=tmp_path, env=env, stdout=log,
+    proc = subprocess.Popen(_command(prefix, tokenizer, save, layout), cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(_losses(Path(tmp_path / "run.log").read_text())) < 2:
@@ -91,7 +101,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped == len(first) < ITERS
     assert [p.name for p in save.iterdir() if p.name.startswith("iter_")] == [f"iter_{stopped:07d}"]
-    _resume_matches(prefix, tokenizer, save, tmp_path, first, want)
+    _resume_matches(prefix, tokenizer, save, tmp_path, first, want, layout)
 
 
 def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resumes(small_data, tmp_path, straight):
