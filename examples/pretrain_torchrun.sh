@@ -16,7 +16,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 NPROC="${NPROC:-2}"
 CONFIG="${CONFIG:-examples/default.yaml}"
-torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" \
+# TORCHRUN_ARGS: torchrun's rendezvous for several nodes (examples/pretrain_slurm.sbatch sets it).
+# shellcheck disable=SC2086
+torchrun ${TORCHRUN_ARGS:---standalone --nnodes 1} --nproc-per-node "$NPROC" \
     pretrain/pretrain_gpt.py --config "$CONFIG" "$@" &
 launcher=$!
 signalled=""

@@ -167,3 +167,49 @@ def test_a_hung_peer_fails_the_exchange_after_the_distributed_timeout(tmp_path):
     outcome = (tmp_path / "rank0.txt").read_text()
     assert outcome != "no error", outcome
     assert float(outcome.split(" s:")[0]) < 10, outcome
+
+
+def test_slurm_script_usr1_saves_on_every_rank_requeues_and_the_requeued_job_matches(small_data, tmp_path, straight):
+    """examples/pretrain_slurm.sbatch with stand-ins for srun and scontrol (one node, CP 2):
+    Slurm's USR1 to the batch script reaches every rank as SIGUSR1 through srun and the
+    launcher; the ranks save at one step, the job asks for a requeue and exits 0; running it
+    again (the requeued job) finishes with the uninterrupted losses."""
+    from megaseg.megatron.parallel import free_port
+
+    prefix, tokenizer = small_data
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fake / "scontrol").write_text('#!/usr/bin/env bash\nif [ "$1" = show ]; then echo localhost; '
+                                   'else echo "scontrol $*" >> "$SCONTROL_LOG"; fi\n')
+    for tool in ("srun", "scontrol"):
+        (fake / tool).chmod(0o755)
+    save = tmp_path / "ckpt"
+    env = {**ENV, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "1",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "2",
+           "CONFIG": "examples/default.yaml", "SAVE": str(save), "MASTER_PORT": str(free_port()),
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "OMP_NUM_THREADS": "1"}
+    command = ["bash", str(REPO / "examples" / "pretrain_slurm.sbatch"), *TINY_FLAGS, "--data-path", prefix,
+               "--tokenizer-model", tokenizer, "--context-parallel-size", "2", "--train-iters", str(ITERS),
+               "--save-interval", "100"]
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        _wait_for_iterations(log, 2, proc)
+        os.kill(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "time limit near: asking the run to save and stop" in text and "requeueing" in text
+    assert "SignalException" not in text and "Traceback" not in text
+    assert (tmp_path / "scontrol.log").read_text().split() == ["scontrol", "requeue", "42"]
+    first = _losses(text)
+    stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= stopped == len(first) < ITERS
+
+    env["MASTER_PORT"] = str(free_port())
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "requeueing" not in again.stdout
+    got = first + _losses(again.stdout)
+    assert len(got) == ITERS and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, straight)), (got, straight)
