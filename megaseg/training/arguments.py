@@ -226,6 +226,9 @@ class PretrainConfig:
             _fail("eval_iters", self.eval_iters, "must be >= 0")
         if not self.distributed_timeout_minutes > 0:
             _fail("distributed_timeout_minutes", self.distributed_timeout_minutes, "must be > 0")
+        if self.reset_attention_mask and self.deepspeed:
+            _fail("reset_attention_mask", True, "is not supported with deepspeed=True yet (untested there); use "
+                  "megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
         if self.keep_last_n < 0:
             _fail("keep_last_n", self.keep_last_n, "must be >= 0 (0 = keep every checkpoint)")
         if self.reset_position_ids != self.reset_attention_mask:

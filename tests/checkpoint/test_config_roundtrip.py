@@ -52,7 +52,8 @@ PRETRAIN = dict(
 )
 # DeepSpeed and context parallelism run one pipeline stage: their flags are covered by
 # variants with pipeline size 1.
-VARIANTS = {"pipeline": PRETRAIN, "deepspeed": {**PRETRAIN, "pipeline_model_parallel_size": 1, "deepspeed": True},
+VARIANTS = {"pipeline": PRETRAIN, "deepspeed": {**PRETRAIN, "pipeline_model_parallel_size": 1, "deepspeed": True,
+                                                "reset_attention_mask": False, "reset_position_ids": False},
             "context": {**PRETRAIN, "pipeline_model_parallel_size": 1, "context_parallel_size": 2}}
 
 
