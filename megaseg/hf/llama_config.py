@@ -52,8 +52,6 @@ OWNED_KEYS = ("architectures", "model_type", "auto_map", "megaseg", "vocab_size"
               "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
               "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_parameters",
               "rope_scaling", "rope_theta", "transformers_version", "torch_dtype", "dtype")
-# Kept when the source is megaseg's own (a training run from scratch writes these defaults).
-PASSTHROUGH_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
 
 
 def _require(hf: Mapping, key: str, source: str):
