@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from megaseg.training.batches import all_reduce_sum, compute_device, data_parallel_size, rank_microbatches
 from megaseg.training.precision import autocast_context
-from megaseg.training.tbptt import _sum_cross_entropy
+from megaseg.training.tbptt import sum_cross_entropy
 
 
 def pipeline_size() -> int:
@@ -138,7 +138,7 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
         labels_BL = labels_BT[:, i * S : (i + 1) * S]
 
         def loss_func(logits_BLV):
-            loss_sum = _sum_cross_entropy(logits_BLV[:, -labels_BL.shape[1] :, :vocab], labels_BL)
+            loss_sum = sum_cross_entropy(logits_BLV[:, -labels_BL.shape[1] :, :vocab], labels_BL)
             seg_sum[i] += loss_sum.item()
             seg_count[i] += int((labels_BL != -100).sum())
             # megatron divides the returned loss by the number of micro-batches.

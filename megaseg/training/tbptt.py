@@ -86,7 +86,7 @@ def tbptt_backward(
     if k < 0:
         raise ValueError(f"tbptt_k={k} must be >= 0 here; the untruncated gradient (-1) is the one-pass "
                          "backward (megaseg.parallel.context.chunk_backward)")
-    loss_fn = loss_fn or _sum_cross_entropy
+    loss_fn = loss_fn or sum_cross_entropy
     labels_BT = segment_labels(input_ids_BT, labels_BT)
     T = input_ids_BT.shape[1]
     denom = num_predicted if num_predicted is not None else int((labels_BT != -100).sum())
@@ -135,7 +135,9 @@ def tbptt_backward(
     return result
 
 
-def _sum_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+def sum_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of the labelled positions (-100 is ignored), in fp32: the loss
+    the sequential and pipeline engines take per segment."""
     return F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100, reduction="sum")
 
 
@@ -143,4 +145,4 @@ def full_sequence_loss(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tenso
     """One-pass forward loss (mean NLL); its gradient is the K = infinity gradient."""
     logits, _ = model(input_ids_BT)
     labels = segment_labels(input_ids_BT, labels_BT)
-    return _sum_cross_entropy(logits, labels) / max(int((labels != -100).sum()), 1)
+    return sum_cross_entropy(logits, labels) / max(int((labels != -100).sum()), 1)

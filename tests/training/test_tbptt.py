@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megaseg.config import HeadPlan, LOCAL, RETRIEVAL, SEGMENT
-from megaseg.training.tbptt import _sum_cross_entropy, full_sequence_loss, segment_labels, tbptt_backward
+from megaseg.training.tbptt import sum_cross_entropy, full_sequence_loss, segment_labels, tbptt_backward
 from tests.helpers import tiny_model
 
 S = 6
@@ -28,7 +28,7 @@ def naive_tbptt_grads(model, ids, k):
         states = [st.detached() for st in states] if states else None
         for j in range(start, i + 1):
             logits, states = model(ids[:, j * S : (j + 1) * S], states)
-        (_sum_cross_entropy(logits, labels[:, i * S : (i + 1) * S]) / denom).backward()
+        (sum_cross_entropy(logits, labels[:, i * S : (i + 1) * S]) / denom).backward()
     return _grads(model)
 
 
