@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from megaseg.config import ConfigError, ModelConfig
+from megaseg.data.documents import document_spans
 from megaseg.inference.sampling import SamplingConfig, sample
 from megaseg.ops.segmented_attention import LayerState
 
@@ -303,9 +304,12 @@ class InferenceEngine:
         eod = self.document_eod
         heads, tails = [], []
         for t in ids:
-            ends = (torch.nonzero(t == eod).flatten() + 1).tolist()
-            cut = ends[-1] if ends else 0
-            heads.append([t[s:e] for s, e in zip([0] + ends[:-1], ends)])
+            spans = document_spans(t, eod)
+            if t[-1] != eod:  # the open document carries the state on
+                *closed, (cut, _) = spans
+            else:
+                closed, cut = spans, t.numel()
+            heads.append([t[s:e] for s, e in closed])
             tails.append(t[cut:])
         live = [i for i, t in enumerate(tails) if t.numel()]
         logits_live, live_state = (None, None)

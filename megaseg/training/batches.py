@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megaseg.config import ConfigError
+from megaseg.data.documents import document_spans
 
 
 def data_parallel_size() -> int:
@@ -108,9 +109,7 @@ def document_microbatches(microbatches, eod: int, rows: int, pad_id: int = 0):
     for tokens_BT, labels_BT in microbatches:
         T = tokens_BT.shape[1]
         for t, lab in zip(tokens_BT, labels_BT):
-            ends = (torch.nonzero(t == eod).flatten() + 1).tolist()
-            bounds = [0] + [e for e in ends if e < T] + [T]
-            for s, e in zip(bounds[:-1], bounds[1:]):
+            for s, e in document_spans(t, eod):
                 row_t = t.new_full((T,), pad_id)
                 row_l = lab.new_full((T,), -100)
                 row_t[: e - s] = t[s:e]
