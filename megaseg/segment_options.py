@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from megaseg.config import GROUP_REDUCTIONS, LOCAL, RETRIEVAL, ConfigError, HeadPlan, SegmentConfig
+from megaseg.hf_config import FAMILIES, hf_config_dict, passthrough_from_hf, sliding_window_of
 
 HEAD_PLAN_PRESETS = ("local", "prior", "contiguous", "interleaved", "paper-llama2-7b")
 
@@ -58,11 +60,12 @@ PLAN_OPTIONS = ("head_plan_preset", "long_range_layers", "num_long_range_heads",
 SEGMENT_FIELDS = ("segment_length", "tail_length", "retrieval_length", "tbptt_k", "retrieval_group_reduce")
 
 
-def read_plan_file(path: str, what: str = "head_plan_file") -> HeadPlan:
-    """The one reader of head plan JSON files, for pretraining, the tools and evaluation:
-    ``[[mode, ...] per layer]``, or an object holding that list under ``modes`` (the scores
-    sidecar ``tools/select_heads.py`` writes) or ``head_plan`` (a plan with its provenance).
-    ``what`` names the setting in error messages."""
+def read_plan_file(path: str | os.PathLike, what: str = "head_plan_file") -> HeadPlan:
+    """The one reader of head plan JSON files, for pretraining, the tools and evaluation;
+    it takes every file ``tools/select_heads.py`` writes (`megaseg.eval.head_selection.write_plan`):
+    ``[[mode, ...] per layer]`` (the plan file), or an object holding that list under
+    ``modes`` (the ``.scores.json`` sidecar beside it) or ``head_plan`` (a plan with its
+    provenance). ``what`` names the setting in error messages."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what}={str(path)!r} is invalid: no such file")
@@ -237,8 +240,6 @@ class CheckpointSettings:
 def hf_max_context(hf) -> int:
     """``max_position_embeddings`` of a HF config dict (4096 when absent), capped at the
     sliding window its family applies: the longest context the model attended over whole."""
-    from megaseg.hf.llama_config import FAMILIES, sliding_window_of
-
     length = int(hf.get("max_position_embeddings") or 4096)
     family = FAMILIES.get(hf.get("model_type") or "llama")
     window = sliding_window_of(hf, family) if family is not None else None
@@ -249,7 +250,6 @@ def checkpoint_settings(path) -> CheckpointSettings:
     """`CheckpointSettings` of any checkpoint format `megaseg.checkpoint.formats` reads."""
     from megaseg.checkpoint.formats import HF_LLAMA, checkpoint_shape, detect_format, read_model
     from megaseg.checkpoint.weights import read_json
-    from megaseg.hf.llama_config import hf_config_dict, passthrough_from_hf
 
     if detect_format(path) == HF_LLAMA:
         layers, groups, segment, plan = checkpoint_shape(path)

@@ -174,6 +174,7 @@ def build_datasets(cfg: PretrainConfig, blend: list[str], tokenizer):
             seed=cfg.seed,
             path_to_cache=cfg.data_cache_path,
             eod_mask_loss=cfg.eod_mask_loss,
+            loss_mask_data=cfg.loss_mask_data_path or None,
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"data_path={cfg.data_path!r} is invalid: {exc}") from None
@@ -190,7 +191,8 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.checkpoint.training import locate_checkpoint
     from megaseg.ops import kernels
     from megaseg.training.precision import resolve_bf16
-    from megaseg.training.trainer import check_batch_sizes, check_optimizer_settings, pretrain
+    from megaseg.training.setup import check_batch_sizes, check_optimizer_settings
+    from megaseg.training.trainer import pretrain
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size

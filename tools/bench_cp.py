@@ -1,4 +1,4 @@
-"""Benchmark: context parallelism over segments (`megaseg.parallel.context`), CPU, gloo.
+"""Benchmark: context parallelism over segments (`megaseg.parallel.context`, `megaseg.training.chunk`), CPU, gloo.
 
 Three measurements, all in one run:
 
@@ -62,7 +62,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, HeadPlan, ModelConfig, SegmentConfig  # noqa: E402
-from megaseg.parallel.context import KINDS, ChunkLayout, bytes_per_layer, ring_bytes_per_layer  # noqa: E402
+from megaseg.parallel.context import KINDS, ChunkLayout  # noqa: E402
+from megaseg.parallel.traffic import bytes_per_layer, ring_bytes_per_layer  # noqa: E402
 from megaseg.segment_options import head_plan_from  # noqa: E402
 from tools.bench_tbptt import reset_peak, status_kib  # noqa: E402
 
@@ -136,7 +137,7 @@ def _build(cfg: ModelConfig, seed: int = 0):
 
 def _chunk_step(meg, tokens, labels, n_pred, chunk) -> float:
     """Forward + backward of this rank's chunk; returns this rank's part of the mean loss."""
-    from megaseg.parallel.context import context_parallel_forward
+    from megaseg.training.chunk import context_parallel_forward
 
     a, b = chunk.token_range
     loss = _sum_ce(context_parallel_forward(meg, tokens[:, a:b], chunk), labels[:, a:b]) / n_pred
@@ -175,7 +176,7 @@ def _done():
 
 def _bytes_rank(rank, world, port, cfg, T, ks, out_dir):
     """Per K: bytes every rank handed to isend, by (layer, kind), summed over the ranks."""
-    from megaseg.parallel.context import SequenceChunk
+    from megaseg.training.chunk import TrainingChunk
 
     _init(rank, world, port, world)
     counts: dict = {}
@@ -197,7 +198,7 @@ def _bytes_rank(rank, world, port, cfg, T, ks, out_dir):
             meg.zero_grad()
             dist.barrier()
             t0 = time.perf_counter()
-            _chunk_step(meg, tokens, labels, n_pred, SequenceChunk.for_this_rank(layout, k))
+            _chunk_step(meg, tokens, labels, n_pred, TrainingChunk.for_this_rank(layout, k))
             seconds = time.perf_counter() - t0
             keys = [(layer, kind) for layer in range(cfg.num_layers) for kind in KINDS]
             vec = torch.tensor([counts.get(key, 0) for key in keys], dtype=torch.float64)
@@ -233,7 +234,7 @@ class _TimedWork:
 
 def _step_rank(rank, world, port, cfg, T, ks, repeats, out_dir):
     """Rows of one round: CP = 1 rows on rank 0 (rank 1 waits), then the CP = 2 rows on both."""
-    from megaseg.parallel.context import SequenceChunk
+    from megaseg.training.chunk import TrainingChunk
 
     _init(rank, world, port, world)
     blocked = [0.0]  # seconds this rank's chunk waited for its messages
@@ -251,12 +252,12 @@ def _step_rank(rank, world, port, cfg, T, ks, repeats, out_dir):
             if k >= 0:
                 rows.append((f"cp1_sequential_k{k}", k, 1, lambda k=k: _sequential_step(meg, tokens, S, k)))
                 rows.append((f"cp1_chunk_k{k}", k, 1,
-                             lambda k=k: _chunk_step(meg, tokens, labels, n_pred, SequenceChunk(one, 0, k))))
+                             lambda k=k: _chunk_step(meg, tokens, labels, n_pred, TrainingChunk(one, 0, k))))
             else:
                 rows.append((f"cp1_one_pass_k{k}", k, 1,
-                             lambda k=k: _chunk_step(meg, tokens, labels, n_pred, SequenceChunk(one, 0, k))))
+                             lambda k=k: _chunk_step(meg, tokens, labels, n_pred, TrainingChunk(one, 0, k))))
             rows.append((f"cp{world}_k{k}", k, world,
-                         lambda k=k: _chunk_step(meg, tokens, labels, n_pred, SequenceChunk.for_this_rank(two, k))))
+                         lambda k=k: _chunk_step(meg, tokens, labels, n_pred, TrainingChunk.for_this_rank(two, k))))
         times = {name: [] for name, *_ in rows}
         cpu = {name: [] for name, *_ in rows}
         waits = {name: [] for name, _, size, _ in rows if size > 1}
@@ -294,7 +295,7 @@ def _step_rank(rank, world, port, cfg, T, ks, repeats, out_dir):
 
 def _memory_rank(rank, world, port, cfg, T, ks, out_dir):
     """Peak RSS growth of one step per mode on this rank (fresh process)."""
-    from megaseg.parallel.context import SequenceChunk
+    from megaseg.training.chunk import TrainingChunk
 
     _init(rank, world, port, world)
     try:
@@ -306,7 +307,7 @@ def _memory_rank(rank, world, port, cfg, T, ks, out_dir):
         if world == 1:
             modes += [(f"sequential_k{k}", lambda k=k: _sequential_step(meg, tokens, S, k)) for k in ks if k >= 0]
         modes += [(f"chunk_k{k}", lambda k=k: _chunk_step(meg, tokens, labels, n_pred,
-                                                          SequenceChunk.for_this_rank(layout, k))) for k in ks]
+                                                          TrainingChunk.for_this_rank(layout, k))) for k in ks]
         result = {}
         for name, fn in modes:
             meg.zero_grad(set_to_none=False)

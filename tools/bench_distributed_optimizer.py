@@ -4,7 +4,7 @@ For each data-parallel size, DP gloo ranks (CPU, one thread each) build the same
 model and train ``--steps`` steps with the replicated optimizer, then with
 ``--use-distributed-optimizer``, then (when deepspeed imports) with DeepSpeed ZeRO-1 and
 ZeRO-2. Recorded per rank: optimizer-state bytes after the last
-step (`megaseg.training.trainer.optimizer_state_bytes`: Adam moments and step counts; fp32
+step (`megaseg.training.setup.optimizer_state_bytes`: Adam moments and step counts; fp32
 parameters are their own main copies), and the median wall time of the steps after the
 first. Losses of the two runs are recorded too (they agree to float rounding).
 
@@ -38,7 +38,8 @@ def _rank(rank, world, port, steps, out_dir, deepspeed_configs):
                                        timeout_s=300)
     from megaseg.training.arguments import PretrainConfig
     from megaseg.training.batches import rank_microbatches
-    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import optimizer_state_bytes, setup_model_and_optimizer
     from tests.training.synthetic import PatternDataset
 
     data = PatternDataset(64, MODEL["seq_length"], seed=0)
@@ -56,7 +57,7 @@ def _rank(rank, world, port, steps, out_dir, deepspeed_configs):
             for it in range(steps):
                 batches = rank_microbatches(data, it * cfg.global_batch_size, cfg)
                 t = time.perf_counter()
-                losses.append(train_step(model, optimizer, scheduler, batches, cfg, bf16=False).loss)
+                losses.append(train_step(select_engine(cfg, model, bf16=False), optimizer, scheduler, batches).loss)
                 times.append(time.perf_counter() - t)
             result[mode] = {
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer),

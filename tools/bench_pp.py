@@ -82,7 +82,8 @@ def _rank(rank, port, out_dir, world, segments, segment_length, steps, modes, we
     from megaseg.training.arguments import PretrainConfig
     from megaseg.training.batches import rank_microbatches
     from megaseg.megatron.convert import megatron_to_reference
-    from megaseg.training.trainer import setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import setup_model_and_optimizer
     from tests.training.synthetic import PatternDataset
 
     T = segments * segment_length
@@ -108,7 +109,7 @@ def _rank(rank, port, out_dir, world, segments, segment_length, steps, modes, we
                 if mode == "windows":
                     losses.append(_windows_step(model, optimizer, scheduler, batches, cfg))
                 else:
-                    losses.append(train_step(model, optimizer, scheduler, batches, cfg, bf16=False).loss)
+                    losses.append(train_step(select_engine(cfg, model, bf16=False), optimizer, scheduler, batches).loss)
                 times.append(time.perf_counter() - t)
                 waits.append(p2p[0])
             result[mode] = {"step_s": times[1:], "p2p_s": waits[1:], "losses": losses}

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
 
     from megaseg.megatron import parallel
     from megaseg.training.arguments import PretrainConfig
-    from megaseg.training.trainer import setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import setup_model_and_optimizer
 
     torch.set_num_threads(1)
     parallel.initialize_model_parallel(tp=1, pp=1, seed=1234)
@@ -39,11 +40,12 @@ def main(argv=None) -> int:
     batches = [(torch.randint(0, 4096, (2, 2048), generator=g),) * 1 for _ in range(2)]
     batches = [(t, torch.roll(t, -1, 1)) for (t,) in batches]
     times = {False: [], True: []}
-    train_step(model, optimizer, scheduler, batches, cfg, False)  # warm-up
+    engine = select_engine(cfg, model, False)
+    train_step(engine, optimizer, scheduler, batches)  # warm-up
     for _ in range(args.repeats):
         for with_stats in (False, True):
             t = time.perf_counter()
-            train_step(model, optimizer, scheduler, batches, cfg, False, segment_stats=with_stats)
+            train_step(engine, optimizer, scheduler, batches, record_stats=with_stats)
             times[with_stats].append(time.perf_counter() - t)
     plain, recorded = min(times[False]), min(times[True])
     result = {"step_s_without": plain, "step_s_with_stats": recorded, "overhead": recorded / plain - 1,

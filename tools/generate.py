@@ -16,8 +16,19 @@ checkpoint's settings, and so do
 (sentencepiece tokenizer.model or tokenizer.json) is the one CHECKPOINT carries unless
 --tokenizer is given; text starts with BOS as the model was trained (a pretraining
 checkpoint: no BOS; otherwise the tokenizer's add_bos_token).
-One prompt streams its tokens as they are generated; several prompts run as one batch and
-print when done. The last lines report prefill time, decode tokens/s and peak memory.
+
+Each prompt is printed before its continuation, on a line starting with `prompt: `; the
+continuation follows on a line starting with `completion: ` (token ids, space-separated,
+when there is no tokenizer); `--no-echo` prints the continuation alone. One prompt streams
+its tokens as they are generated:
+
+    prompt: def fibonacci(n):
+    completion: <the generated text, as it is decoded>
+
+Several prompts (or --no-stream) run as one batch and print when done, each line prefixed
+with the prompt's index: `[0] prompt: ...`, `[0] completion: ...`, `[1] prompt: ...`; with
+--no-echo only `[0] ...`, `[1] ...`. Everything else goes to stderr: a header line first,
+and at the end prefill time, decode tokens/s and peak memory.
 """
 from __future__ import annotations
 
@@ -62,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-stream", action="store_true", help="print the completion only when done")
+    p.add_argument("--no-echo", action="store_true",
+                   help="print only the continuation, not the prompt before it")
     p.add_argument("--document-reset", choices=("auto", "on", "off"), default="auto",
                    help="documents as the unit of state: after an EOD (the tokenizer's eos) the next token starts "
                         "from an empty state (auto: as the checkpoint's run trained, --reset-attention-mask)")
@@ -70,21 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prompts(args, tokenizer: TextTokenizer | None) -> list[list[int]]:
+def _prompts(args, tokenizer: TextTokenizer | None) -> tuple[list[list[int]], list[str]]:
+    """The prompts as token ids, and each one as it is echoed: a text prompt as given, token
+    ids as their text (space-separated ids without a tokenizer)."""
     texts = list(args.prompt) + [Path(f).read_text() for f in args.prompt_file]
-    prompts = []
+    prompts, shown = [], []
     if texts:
         if tokenizer is None:
             raise CheckpointError(f"{args.checkpoint}: no tokenizer found for text prompts (pass --tokenizer or use --prompt-ids)")
         prompts += [tokenizer.encode(t, add_bos=not args.no_bos) for t in texts]
+        shown += texts
     for spec in args.prompt_ids:
         try:
-            prompts.append([int(x) for x in spec.split(",") if x.strip()])
+            ids = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
             raise ConfigError(f"--prompt-ids={spec!r} is invalid: comma-separated integers expected") from None
+        prompts.append(ids)
+        shown.append(_text(ids, tokenizer))
     if not prompts:
         raise ConfigError("no prompt: pass --prompt, --prompt-file or --prompt-ids")
-    return prompts
+    return prompts, shown
+
+
+def _text(ids, tokenizer: TextTokenizer | None) -> str:
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+
+def _echo(label: str, text: str, prefix: str = "") -> None:
+    """``prefix + label + text`` on stdout, ending the line unless the text already does."""
+    print(f"{prefix}{label}{text}", end="" if text.endswith("\n") else "\n")
 
 
 def _document_eod(args, source, tokenizer) -> int | None:
@@ -116,7 +143,7 @@ def run(args) -> int:
               f"{describe(ckpt.segment, ckpt.plan)}", file=sys.stderr)
     tok_path = args.tokenizer or source.tokenizer
     tokenizer = TextTokenizer.load(tok_path, add_bos=model_adds_bos(source)) if tok_path else None
-    prompts = _prompts(args, tokenizer)
+    prompts, shown_prompts = _prompts(args, tokenizer)
 
     model = source.build(parse_dtype(args.dtype))
     cfg = model.config
@@ -142,13 +169,20 @@ def run(args) -> int:
     print(f"# {path.name}: {cfg.num_layers} layers, S={cfg.segment.segment_length} M={cfg.segment.tail_length} "
           f"R={cfg.segment.retrieval_length}, {len(prompts)} prompt(s) of {[len(p) for p in prompts]} tokens",
           file=sys.stderr)
+    echo = not args.no_echo
+    if stream and echo:
+        _echo("prompt: ", shown_prompts[0])
+        print("completion: ", end="", flush=True)
     result = engine.generate(prompts, args.max_new_tokens, sampling, stop, on_token)
     if stream:
         print()
     else:
         for i, ids in enumerate(result.tokens):
-            text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
-            print(f"[{i}] {text}")
+            if echo:
+                _echo("prompt: ", shown_prompts[i], prefix=f"[{i}] ")
+                _echo("completion: ", _text(ids, tokenizer), prefix=f"[{i}] ")
+            else:
+                print(f"[{i}] {_text(ids, tokenizer)}")
     s = result.stats
     prefill_rate = s.prompt_tokens / s.prefill_seconds if s.prefill_seconds > 0 else float("nan")
     print(f"prefill: {s.prompt_tokens} tokens in {s.prefill_seconds:.3f} s ({prefill_rate:.1f} tokens/s)", file=sys.stderr)

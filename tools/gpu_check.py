@@ -294,7 +294,7 @@ def check_te_vs_local(sh: dict, device, bf16: bool) -> dict:
         return {"skipped": "transformer_engine is not importable"}
     from megaseg.megatron.model import segment_forward
     from megaseg.training.precision import autocast_context
-    from megaseg.training.trainer import setup_model_and_optimizer
+    from megaseg.training.setup import setup_model_and_optimizer
 
     T = sh["te_T"]
     cfgs = {name: pretrain_config(sh, seq_length=T, use_te=use_te, optimizer="sgd", sgd_momentum=0.0, lr=1e-2,
@@ -314,14 +314,14 @@ def check_te_vs_local(sh: dict, device, bf16: bool) -> dict:
         logits_t, _ = segment_forward(te, ids)
     logit_err = ((logits_l.float() - logits_t.float()).abs().max() / logits_l.float().abs().max()).item()
 
-    from megaseg.training.trainer import train_step
+    from megaseg.training.engines import select_engine, train_step
 
     mapping = te_key_map(model_cfg)
     local_params, te_params = dict(local.module.named_parameters()), dict(te.module.named_parameters())
     before = {n: p.detach().float().clone() for n, p in local_params.items()}
     batch = [(ids, ids)]
-    m_local = train_step(local, local_opt, _DummyScheduler(), batch, cfgs["local"], bf16)
-    m_te = train_step(te, te_opt, _DummyScheduler(), batch, cfgs["te"], bf16)
+    m_local = train_step(select_engine(cfgs["local"], local, bf16), local_opt, _DummyScheduler(), batch)
+    m_te = train_step(select_engine(cfgs["te"], te, bf16), te_opt, _DummyScheduler(), batch)
     num = den = 0.0
     for name, p0 in before.items():
         d_local = local_params[name].detach().float() - p0
@@ -345,21 +345,23 @@ class _DummyScheduler:
 
 # ---- 3. training throughput ----------------------------------------------------------------
 def train_megaseg(sh: dict, device, bf16: bool, steps: int, peak: float | None) -> dict:
-    from megaseg.training.trainer import setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import setup_model_and_optimizer
 
     cfg = pretrain_config(sh)
     model_cfg = cfg.model_config(sh["vocab"])
     _reset_peak(device)
     model, opt, sched = setup_model_and_optimizer(cfg, model_cfg)
+    engine = select_engine(cfg, model, bf16)
     ids = torch.randint(0, sh["vocab"], (1, sh["T"]), generator=torch.Generator().manual_seed(1)).to(device)
     batch = [(ids, ids)]
     losses = []
-    step_s = _time(lambda: losses.append(train_step(model, opt, sched, batch, cfg, bf16).loss), device,
+    step_s = _time(lambda: losses.append(train_step(engine, opt, sched, batch).loss), device,
                    warmup=1, repeats=steps)
     flops = training_flops(model_cfg, sh["T"], attention="segmented")
     out = _throughput(sh["T"], step_s, flops, peak, device)
     out.update(params=sum(p.numel() for p in model.parameters()), losses=losses)
-    del model, opt, sched
+    del model, opt, sched, engine
     return out
 
 
@@ -386,7 +388,7 @@ def train_stock(sh: dict, device, bf16: bool, steps: int, peak: float | None, sm
 
     from megaseg.megatron.model import transformer_config_from
     from megaseg.training.precision import autocast_context
-    from megaseg.training.trainer import seed_everything
+    from megaseg.training.setup import seed_everything
 
     cfg = pretrain_config(sh)
     model_cfg = cfg.model_config(sh["vocab"])

@@ -1,6 +1,8 @@
-"""The one error type of every checkpoint format megaseg reads or writes."""
+"""The one error type of every checkpoint format megaseg reads or writes.
 
+Defined in `megaseg.errors`, below every package, so that `megaseg.hf_config` (config.json
+of HF directories) raises it too.
+"""
+from megaseg.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint (or its config) that cannot be used; the one-line message names the file,
-    says what is wrong and, where there is one, what to do instead."""
+__all__ = ["CheckpointError"]

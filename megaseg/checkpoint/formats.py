@@ -21,14 +21,13 @@ from typing import Any, Mapping
 import torch
 
 from megaseg.checkpoint.errors import CheckpointError
-from megaseg.checkpoint.training import (
-    TOKENIZER_FILE, is_training_checkpoint, read_training_common, read_training_weights,
-)
+from megaseg.checkpoint.training_files import TOKENIZER_FILE, find_checkpoint, is_training_checkpoint
+from megaseg.checkpoint.training_load import read_training_common, read_training_weights
 from megaseg.checkpoint.weights import (
     build_model, check_weights, is_model_dir, read_hf_weights, read_json, read_model_dir,
 )
 from megaseg.config import ConfigError, HeadPlan, ModelConfig, SegmentConfig
-from megaseg.hf.llama_config import model_config_from_hf, passthrough_from_hf
+from megaseg.hf_config import check_architecture, model_config_from_hf, passthrough_from_hf
 
 TRAINING, MEGASEG, HF_MEGASEG, HF_LLAMA = "training", "megaseg", "hf-megaseg", "hf-llama"
 FORMATS = (TRAINING, MEGASEG, HF_MEGASEG, HF_LLAMA)
@@ -140,8 +139,6 @@ def _has_tokenizer(path: str) -> bool:
 def training_tokenizer(path: str, common: Mapping[str, Any]) -> str | None:
     """The tokenizer a training checkpoint carries (copied in at save), else the file its run
     named, if it still exists."""
-    from megaseg.checkpoint.training import find_checkpoint
-
     directory = find_checkpoint(path)
     if directory and os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return directory
@@ -178,8 +175,6 @@ def checkpoint_shape(path: str | os.PathLike) -> tuple[int, int, SegmentConfig |
     """(layers, KV groups, segment settings, head plan) recorded in a checkpoint, read without
     its weights; the settings are None for a plain Llama directory."""
     if detect_format(path) == HF_LLAMA:
-        from megaseg.hf.llama_config import check_architecture
-
         hf = read_json(Path(path) / "config.json")
         check_architecture(hf, str(path))
         layers = int(hf.get("num_hidden_layers") or 0)

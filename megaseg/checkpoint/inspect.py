@@ -15,9 +15,7 @@ from typing import Any
 
 from megaseg.checkpoint.errors import CheckpointError
 from megaseg.checkpoint.formats import TRAINING, detect_format, read_model
-from megaseg.checkpoint.training import (
-    COMMON_FILE, find_checkpoint, verify_checkpoint,
-)
+from megaseg.checkpoint.training_files import COMMON_FILE, find_checkpoint, verify_checkpoint
 from megaseg.config import MODES, ModelConfig
 
 _MODE_LETTER = {"local": "L", "retrieval": "R", "segment": "S"}

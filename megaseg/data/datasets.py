@@ -185,6 +185,7 @@ def build_train_valid_datasets(
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
     create_attention_mask: bool = False,
+    loss_mask_data: str | Sequence[str] | None = None,
 ) -> GPTDatasets:
     """Build the train, valid and test GPTDatasets (None for a split with zero weight, or
     one that gets no documents and no samples).
@@ -200,6 +201,10 @@ def build_train_valid_datasets(
         split: relative train/valid/test sizes carved out of every dataset.
         seed: shuffling seed.
         path_to_cache: where megatron-core saves the index .npy files (None: in memory).
+        loss_mask_data: per prefix of ``data``, in the same order, an indexed dataset of
+            the same documents (same lengths) holding 1 where a token is trained on and
+            0 elsewhere (e.g. `tools/make_recall_data.py --loss-mask-output answers`): the
+            loss of predicting a token counts only where its mask is 1.
     """
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
@@ -228,4 +233,64 @@ def build_train_valid_datasets(
     for i in empty:  # no documents and no samples asked for: build no dataset rather than loop
         config.split_matrix[i] = None
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
-    return GPTDatasets(*builder.build())
+    built = builder.build()
+    if loss_mask_data is None:
+        return GPTDatasets(*built)
+    masks = _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples)
+    return GPTDatasets(*(None if d is None else MaskedDataset(d, m) for d, m in zip(built, masks)))
+
+
+def _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples):
+    """The loss-mask datasets, sampled exactly like the token datasets: same document
+    lengths, same configuration (seed, split, sequence length), so the same sample and
+    shuffle indices."""
+    import dataclasses
+
+    import numpy as np
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    mask_prefixes, _ = parse_blend(loss_mask_data)
+    if len(mask_prefixes) != len(prefixes):
+        raise ValueError(f"loss_mask_data has {len(mask_prefixes)} prefixes for {len(prefixes)} data prefixes; give "
+                         "one per data prefix, in the same order")
+    _check_prefixes(mask_prefixes)
+    for data_prefix, mask_prefix in zip(prefixes, mask_prefixes):
+        data_index, mask_index = IndexedDataset(data_prefix), IndexedDataset(mask_prefix)  # alive: arrays are mmaps
+        a, b = np.array(data_index.sequence_lengths), np.array(mask_index.sequence_lengths)
+        del data_index, mask_index
+        if len(a) != len(b) or not np.array_equal(a, b):
+            raise ValueError(f"the loss mask {mask_prefix} does not have the documents of {data_prefix} "
+                             f"({len(b)} vs {len(a)} documents, or other lengths): write both from the same run")
+    mask_config = dataclasses.replace(config, blend=(mask_prefixes, weights), reset_position_ids=False,
+                                      reset_attention_mask=False, eod_mask_loss=False)
+    for i in empty:
+        mask_config.split_matrix[i] = None
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, mask_config).build()
+
+
+class MaskedDataset:
+    """A GPT dataset whose loss mask is also 0 where a parallel mask dataset's label is not 1."""
+
+    def __init__(self, data, mask):
+        if len(data) != len(mask):
+            raise ValueError(f"the loss mask dataset has {len(mask)} samples for {len(data)}")
+        self.data, self.mask = data, mask
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getattr__(self, name):  # the token dataset's attributes (config, indexed_dataset, ...)
+        if name in ("data", "mask"):
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __getitem__(self, i):
+        import torch
+
+        sample = dict(self.data[i])
+        keep = torch.as_tensor(self.mask[i]["labels"]) == 1
+        base = torch.as_tensor(sample.get("loss_mask", torch.ones_like(keep, dtype=torch.float)))
+        sample["loss_mask"] = base * keep
+        return sample

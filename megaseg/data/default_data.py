@@ -107,6 +107,26 @@ def prepare_default_data(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
 
+    corpus = _write_corpus(directory, settings, log)
+    model = _tokenizer(directory, settings, tokenizer_model, tokenizer_type, log)
+    result = preprocess_jsonl(corpus, model, directory / "stdlib", workers=workers)
+    prefix = result.prefixes["text"]
+    tokens = result.tokens["text"]
+    log(f"indexed dataset: {result.documents} documents, {tokens} tokens -> {prefix}.bin/.idx")
+
+    manifest = {
+        "settings": asdict(settings),
+        "tokenizer_model": model.name,
+        "data_prefix": Path(prefix).name,
+        "documents": result.documents,
+        "tokens": tokens,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return DefaultData(directory, model, prefix, result.documents, tokens)
+
+
+def _write_corpus(directory: Path, settings: DefaultDataSettings, log) -> Path:
+    """The stdlib corpus of ``settings`` as ``corpus.jsonl`` in ``directory``."""
     corpus = directory / "corpus.jsonl"
     documents = write_jsonl(
         stdlib_documents(min_bytes=settings.min_bytes, max_bytes=settings.max_bytes), corpus
@@ -116,7 +136,14 @@ def prepare_default_data(
             f"the stdlib corpus is empty with min_bytes={settings.min_bytes}, max_bytes={settings.max_bytes}"
         )
     log(f"corpus: {documents} stdlib source files -> {corpus}")
+    return corpus
 
+
+def _tokenizer(directory: Path, settings: DefaultDataSettings, tokenizer_model: str | Path | None,
+               tokenizer_type: str | None, log) -> Path:
+    """The tokenizer in ``directory``: ``tokenizer_model``'s files copied in (a Hugging Face
+    tokenizer's into ``tokenizer/``, a sentencepiece model as ``tokenizer.model``), else
+    one trained on the corpus."""
     if tokenizer_model is not None and isinstance(load_tokenizer(tokenizer_model, tokenizer_type), HuggingFaceTokenizer):
         source = Path(tokenizer_model)
         source = source.parent if source.is_file() else source
@@ -134,21 +161,7 @@ def prepare_default_data(
     else:
         model = _train_default_tokenizer(directory, settings)
         log(f"tokenizer: vocab {settings.vocab_size} -> {model}")
-
-    result = preprocess_jsonl(corpus, model, directory / "stdlib", workers=workers)
-    prefix = result.prefixes["text"]
-    tokens = result.tokens["text"]
-    log(f"indexed dataset: {result.documents} documents, {tokens} tokens -> {prefix}.bin/.idx")
-
-    manifest = {
-        "settings": asdict(settings),
-        "tokenizer_model": model.name,
-        "data_prefix": Path(prefix).name,
-        "documents": result.documents,
-        "tokens": tokens,
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return DefaultData(directory, model, prefix, result.documents, tokens)
+    return model
 
 
 def _train_default_tokenizer(directory: Path, settings: DefaultDataSettings) -> Path:

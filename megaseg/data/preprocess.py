@@ -220,64 +220,96 @@ def preprocess_jsonl(
     if total_bytes(sources) <= PRECHECK_BYTES:
         total = count_documents(sources, json_keys)
     tokenizer = validate_tokenizer(tokenizer_model, require_byte_fallback=False, tokenizer_type=tokenizer_type)
-    bos = None
-    if append_bos:
-        try:
-            bos = tokenizer.bos
-        except AttributeError as exc:
-            raise DataError(f"append_bos=True is invalid: {exc}") from None
+    bos = _bos(tokenizer) if append_bos else None
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    result = PreprocessResult()
-    final = {key: output_prefix_for(output_prefix, key) for key in json_keys}
-    temporary = {key: f"{prefix}.tmp{os.getpid()}" for key, prefix in final.items()}
-    builders = {key: IndexedDatasetBuilder(f"{temporary[key]}.bin", dtype=dtype) for key in json_keys}
+    outputs = _Outputs(output_prefix, json_keys, tokenizer.vocab_size)
     eod = tokenizer.eod
     encoder = None
     meter = _Progress(progress, total)
     success = False
     try:
         encoder = _Encoder(str(tokenizer_model), tokenizer_type, workers)
-        tokens = {key: 0 for key in json_keys}
-        for size, encoded in encoder.encode(_batches(iter_documents(sources, json_keys))):
-            batch_tokens = 0
-            for per_key in encoded:
-                if bos is not None:
-                    per_key = [[bos] + ids if ids else ids for ids in per_key]
-                if append_eod:
-                    per_key = [ids + [eod] if len(ids) > (bos is not None) else ids for ids in per_key]
-                if any(len(ids) == 0 for ids in per_key):
-                    result.skipped_empty += 1
-                    continue
-                for key, ids in zip(json_keys, per_key):
-                    builders[key].add_document(ids, [len(ids)])
-                    tokens[key] += len(ids)
-                    batch_tokens += len(ids)
-                result.documents += 1
-            meter.update(size, batch_tokens)
+        batches = encoder.encode(_batches(iter_documents(sources, json_keys)))
+        result = _write_documents(batches, outputs, bos, eod if append_eod else None, meter)
         if result.documents == 0:
             raise DataError(f"input has no non-empty documents: {describe(sources)}")
-        for key, builder in builders.items():
-            builder.finalize(f"{temporary[key]}.idx")
-        for key in json_keys:
-            for suffix in (".bin", ".idx"):
-                os.replace(f"{temporary[key]}{suffix}", f"{final[key]}{suffix}")
-        result.prefixes = final
-        result.tokens = tokens
+        outputs.commit()
+        result.prefixes = outputs.final
         success = True
         return result
     finally:
         meter.close(success)
         if encoder is not None:
             encoder.close()
-        for key, builder in builders.items():
+        outputs.close()
+
+
+def _bos(tokenizer) -> int:
+    try:
+        return tokenizer.bos
+    except AttributeError as exc:
+        raise DataError(f"append_bos=True is invalid: {exc}") from None
+
+
+class _Outputs:
+    """One megatron-core IndexedDatasetBuilder per json key, writing under a temporary name
+    (``<data prefix>.tmp<pid>.bin/.idx``) until `commit` renames the files into place."""
+
+    def __init__(self, output_prefix: str | Path, json_keys: list[str], vocab_size: int):
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+        dtype = DType.optimal_dtype(vocab_size)
+        self.keys = json_keys
+        self.final = {key: output_prefix_for(output_prefix, key) for key in json_keys}
+        self.temporary = {key: f"{prefix}.tmp{os.getpid()}" for key, prefix in self.final.items()}
+        self.builders = {key: IndexedDatasetBuilder(f"{self.temporary[key]}.bin", dtype=dtype) for key in json_keys}
+
+    def add(self, per_key: list[list[int]]) -> None:
+        """Add one document: its token ids under each key."""
+        for key, ids in zip(self.keys, per_key):
+            self.builders[key].add_document(ids, [len(ids)])
+
+    def commit(self) -> None:
+        for key, builder in self.builders.items():
+            builder.finalize(f"{self.temporary[key]}.idx")
+        for key in self.keys:
+            for suffix in (".bin", ".idx"):
+                os.replace(f"{self.temporary[key]}{suffix}", f"{self.final[key]}{suffix}")
+
+    def close(self) -> None:
+        """Close the files and remove whatever temporary file is left (all of them after a failure)."""
+        for key, builder in self.builders.items():
             if not builder.data_file.closed:
                 builder.data_file.close()
             for suffix in (".bin", ".idx"):
-                Path(f"{temporary[key]}{suffix}").unlink(missing_ok=True)
+                Path(f"{self.temporary[key]}{suffix}").unlink(missing_ok=True)
+
+
+def _write_documents(batches: Iterator[tuple[int, list[list[list[int]]]]], outputs: _Outputs, bos: int | None,
+                     eod: int | None, meter: _Progress) -> PreprocessResult:
+    """Every encoded document into ``outputs``: bos first and eod last when given; a
+    document empty under some key is skipped (and counted)."""
+    result = PreprocessResult()
+    tokens = {key: 0 for key in outputs.keys}
+    for size, encoded in batches:
+        batch_tokens = 0
+        for per_key in encoded:
+            if bos is not None:
+                per_key = [[bos] + ids if ids else ids for ids in per_key]
+            if eod is not None:
+                per_key = [ids + [eod] if len(ids) > (bos is not None) else ids for ids in per_key]
+            if any(len(ids) == 0 for ids in per_key):
+                result.skipped_empty += 1
+                continue
+            outputs.add(per_key)
+            for key, ids in zip(outputs.keys, per_key):
+                tokens[key] += len(ids)
+                batch_tokens += len(ids)
+            result.documents += 1
+        meter.update(size, batch_tokens)
+    result.tokens = tokens
+    return result
 
 
 preprocess = preprocess_jsonl

@@ -320,8 +320,6 @@ def train_tokenizer(
     Returns the `.model` path. Raises TokenizerError for a vocabulary the corpus cannot
     fill or an empty corpus.
     """
-    import sentencepiece as spm
-
     if model_type not in ("bpe", "unigram", "char", "word"):
         raise TokenizerError(f"model_type must be one of bpe, unigram, char, word; got {model_type!r}")
     minimum = _NUM_SPECIAL + (_NUM_BYTE_PIECES if byte_fallback else 0) + 1
@@ -335,15 +333,25 @@ def train_tokenizer(
         raise TokenizerError("no training text: the inputs contain no non-empty lines")
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    model = _train_model(lines, vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback,
+                         character_coverage=character_coverage, num_threads=num_threads)
+    model_path = output_prefix.with_name(output_prefix.name + ".model")
+    model_path.write_bytes(model)
+    _write_vocab(SentencePieceTokenizer(model_path), output_prefix.with_name(output_prefix.name + ".vocab"))
+    return model_path
+
+
+def _train_model(lines: list[str], **options) -> bytes:
+    """The serialized sentencepiece model trained on ``lines`` with megaseg's fixed settings
+    (byte-exact text, the special ids above) and ``options``."""
+    import sentencepiece as spm
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
             model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            character_coverage=character_coverage,
+            **options,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
@@ -354,17 +362,16 @@ def train_tokenizer(
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            num_threads=num_threads,
             minloglevel=2,
         )
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TokenizerError(f"sentencepiece training failed: {message}") from None
-    model_path = output_prefix.with_name(output_prefix.name + ".model")
-    model_path.write_bytes(model.getvalue())
-    tokenizer = SentencePieceTokenizer(model_path)
-    vocab_path = output_prefix.with_name(output_prefix.name + ".vocab")
+    return model.getvalue()
+
+
+def _write_vocab(tokenizer: SentencePieceTokenizer, vocab_path: Path) -> None:
+    """One line per id, its piece and score separated by a tab (sentencepiece's ``.vocab``)."""
     with open(vocab_path, "w", encoding="utf-8") as handle:
         for piece_id in range(tokenizer.vocab_size):
             handle.write(f"{tokenizer._sp.IdToPiece(piece_id)}\t{tokenizer._sp.GetScore(piece_id)}\n")
-    return model_path

@@ -25,7 +25,6 @@ import torch
 
 from megaseg.config import ConfigError, HeadPlan
 from megaseg.eval.baselines import FULL, SEGMENT_CUT, BaselineAttention
-from megaseg.eval.evaluator import run_sequence
 
 METRICS = ("loss", "kl")
 
@@ -130,17 +129,11 @@ def plan_record(scores: torch.Tensor, plan: HeadPlan, budget: int, metric: str, 
 
 def write_plan(path: str | Path, record: dict) -> tuple[Path, Path]:
     """``path``: the per-layer modes list (what --head-plan-file FILE reads); ``path``.scores.json
-    beside it: scores, ranking, the per-layer long heads and pretraining keys."""
+    beside it: scores, ranking, the per-layer long heads and pretraining keys. Either file
+    reads back with `megaseg.segment_options.read_plan_file`."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(record["modes"]) + "\n")
     side = p.with_suffix(".scores.json")
     side.write_text(json.dumps(record, indent=2) + "\n")
     return p, side
-
-
-def read_plan(path: str | Path) -> HeadPlan:
-    """A head plan file (or the scores sidecar `write_plan` writes): `megaseg.segment_options.read_plan_file`."""
-    from megaseg.segment_options import read_plan_file
-
-    return read_plan_file(str(path), what="head plan")

@@ -131,7 +131,7 @@ def reference_model(model, segment: SegmentConfig | None = None, head_plan: Head
         if to_dict is None:
             raise CheckpointError(f"{name} is not a model megaseg can evaluate (a megaseg model, a transformers "
                                   "Llama/Qwen2/Mistral model, or a checkpoint path)")
-        from megaseg.hf.llama_config import model_config_from_hf
+        from megaseg.hf_config import model_config_from_hf
         from megaseg.segment_options import full_attention, hf_max_context
         hf = to_dict()
         if segment is None:

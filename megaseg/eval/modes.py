@@ -18,7 +18,7 @@ from megaseg.config import ConfigError, HeadPlan, SegmentConfig
 from megaseg.eval.baselines import FULL, WINDOW, BaselineAttention
 from megaseg.eval.loading import model_config, reference_model
 from megaseg.ops.segmented_attention import SegmentedAttention
-from megaseg.segment_options import without_retrieval
+from megaseg.segment_options import read_plan_file, without_retrieval
 
 KINDS = ("megaseg", "no_retrieval", "full", "streaming", "duo")
 SEGMENTED_KINDS = ("megaseg", "no_retrieval")
@@ -148,9 +148,7 @@ def mode_from_dict(d: Mapping, num_layers: int | None = None, num_groups: int | 
     for key in ("head_plan", "full_heads"):
         v = d.get(key)
         if isinstance(v, str):
-            from megaseg.eval.head_selection import read_plan
-
-            d[key] = read_plan(v)
+            d[key] = read_plan_file(v, what="head plan")
         elif isinstance(v, (list, tuple)):
             d[key] = HeadPlan(tuple(tuple(x) for x in v))
     return InferenceMode(**d)

@@ -1,1 +1,2 @@
-"""Hugging Face interop: Llama config/weights import, export with remote modeling code, checkpoint I/O."""
+"""Hugging Face interop: Llama import and export with remote modeling code (the config.json
+mapping itself is `megaseg.hf_config`, below this package and `megaseg.checkpoint`)."""

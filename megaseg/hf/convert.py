@@ -26,7 +26,7 @@ from megaseg.checkpoint.formats import HF_LLAMA, read_model
 from megaseg.checkpoint.weights import (
     check_weights, copy_tokenizer_files, read_hf_weights, read_json, save_model_dir,
 )
-from megaseg.hf.llama_config import (
+from megaseg.hf_config import (
     FAMILIES, REMOTE_CODE_MODULE, check_window, hf_config_dict, model_config_from_hf, passthrough_from_hf,
 )
 from megaseg.inference.tokenizer import model_adds_bos
@@ -120,7 +120,7 @@ def document_eod_of(src) -> int | None:
     from megaseg.checkpoint.formats import TRAINING
 
     if src.format == TRAINING:
-        from megaseg.checkpoint.training import read_training_common
+        from megaseg.checkpoint.training_load import read_training_common
         from megaseg.data.tokenizer import load_tokenizer
 
         args = read_training_common(src.path)[1].get("args") or {}

@@ -8,8 +8,9 @@ builds the megaseg reference modules (same parameter names as ``LlamaForCausalLM
 runs them with the one segmented operator; ``megaseg`` must be importable. ``forward``
 without a cache is segment-by-segment prefill of the whole input (equal to the training
 forward); ``generate()`` keeps a ``SegmentedCache`` (per-sequence segmented state) and
-decodes token by token. Left-padded batches are supported: each row's segments start at
-its first real token.
+decodes token by token with `InferenceEngine.decode`, i.e. the operator's buffered
+one-token decode. Left-padded batches are supported: each row's segments start at its
+first real token.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from megaseg.hf.llama_config import model_config_from_hf
-from megaseg.inference.engine import BatchState, InferenceEngine
-from megaseg.models.llama import LlamaModel, RMSNorm
+from megaseg.hf_config import model_config_from_hf
+from megaseg.inference.batch_state import BatchState
+from megaseg.inference.engine import InferenceEngine
+from megaseg.models.llama import LlamaModel
+from megaseg.ops.norm import RMSNorm
 from megaseg.ops.segmented_attention import SegmentedAttention
 
 

@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megaseg.config import LOCAL, ConfigError, ModelConfig
+from megaseg.ops.recompute import recomputing
 from megaseg.ops.segmented_attention import LayerState, SegmentedAttention
 
 
@@ -71,7 +72,8 @@ class SegmentStates(PackedSeqParams):
         return self.inputs.get(layer)
 
     def put(self, layer: int, state: LayerState) -> None:
-        self.outputs[layer] = state
+        if not recomputing():  # a recompute's states are the forward's, already taken
+            self.outputs[layer] = state
 
     def next_states(self, layers: Iterable[int]) -> list[LayerState]:
         """The states after the call, in the order of ``layers``."""
@@ -173,6 +175,7 @@ class SegmentedCoreAttention(MegatronModule):
         v_BLGD = value.transpose(0, 1)
         L, B = query.shape[0], query.shape[1]
         if states is not None and states.chunk is not None:
+            states.chunk.begin_layer(self.layer_index)
             out_BLHD, _ = self.operator(q_BLHD, k_BLGD, v_BLGD, chunk=states.chunk)
             if self.placeholder_tail:
                 states.chunk.placeholder(self.layer_index, L, k_BLGD[:, :0, :0])

@@ -1,16 +1,16 @@
 """RMSNorm for megatron-core's local (no Transformer Engine) layer spec.
 
-The reference model's RMSNorm (fp32 statistics, weight applied in the input dtype) behind
-megatron's norm constructor. megatron's own local choice, `WrappedTorchNorm`, refuses
-sequence parallelism; this one marks its weight `sequence_parallel` so that
-`finalize_model_grads` all-reduces its gradient over the tensor-parallel group, as
-megatron does for its fused norms.
+The reference model's RMSNorm (`megaseg.ops.norm`: fp32 statistics, weight applied in
+the input dtype) behind megatron's norm constructor. megatron's own local choice,
+`WrappedTorchNorm`, refuses sequence parallelism; this one marks its weight
+`sequence_parallel` so that `finalize_model_grads` all-reduces its gradient over the
+tensor-parallel group, as megatron does for its fused norms.
 """
 from __future__ import annotations
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megaseg.models.llama import RMSNorm as _ReferenceRMSNorm
+from megaseg.ops.norm import RMSNorm as _ReferenceRMSNorm
 
 
 class RMSNorm(_ReferenceRMSNorm):

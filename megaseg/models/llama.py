@@ -13,20 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaseg.config import ModelConfig
+from megaseg.ops.decode import DecodeStep
+from megaseg.ops.norm import RMSNorm
 from megaseg.ops.segmented_attention import LayerState, SegmentedAttention
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 class Attention(nn.Module):
@@ -43,15 +32,14 @@ class Attention(nn.Module):
         )
         self.core.layer_index = layer
 
-    def forward(self, x_BLE, state: LayerState | None):
+    def forward(self, x_BLE, state: LayerState | DecodeStep | None):
         B, L, _ = x_BLE.shape
         xq_BLHD = self.q_proj(x_BLE).view(B, L, self.num_heads, self.head_dim)
         xk_BLGD = self.k_proj(x_BLE).view(B, L, self.num_kv, self.head_dim)
         xv_BLGD = self.v_proj(x_BLE).view(B, L, self.num_kv, self.head_dim)
-        if hasattr(state, "attend"):
-            # Rows of the batch at different positions (the inference engine's batch state):
-            # it runs the same core per group of equal positions (prefill) or as one
-            # batched decode step over all rows.
+        if isinstance(state, DecodeStep):
+            # A decode step the caller asked for (the inference engine): the state object
+            # runs the core's decode entry point instead of its forward.
             out_BLHD, state = state.attend(self.core, xq_BLHD, xk_BLGD, xv_BLGD)
         else:
             out_BLHD, state = self.core(xq_BLHD, xk_BLGD, xv_BLGD, state)
@@ -105,6 +93,8 @@ class SegmentedLlamaForCausalLM(nn.Module):
     ``states`` is a list with one LayerState per layer (None = start of the sequence). Any
     split of a sequence into calls gives the same logits: one call over the whole sequence
     is the training forward, one call per segment is prefill, one call per token is decode.
+    A `megaseg.ops.decode.DecodeStep` in place of a layer's state asks for the operator's
+    buffered decode of one token (`megaseg.inference.engine` does).
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -5,6 +5,8 @@ G retrieval KV groups, D head dim, R retrieved tokens.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -109,3 +111,19 @@ def retrieve(
     margin = top[..., r - 1] - top[..., r] if top.shape[-1] > r else torch.full(top.shape[:-1], float("nan"))
     margin = margin.masked_fill(~(valid_len_C.to(scores.device) > r), float("nan"))
     return keys, values, count_C, idx_BGCR, margin
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Retrieval results of one run: R for the segment after each boundary closed in it.
+
+    keys/values: [B, C, R', G_ret, D] retrieved KV per boundary (detached, original order).
+    count:       [C] valid retrieved tokens per boundary (the rest of R' is padding).
+    pool_k/v:    [B, T_closed, G_ret, D] the pool after the run (detached).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    count: torch.Tensor
+    pool_k: torch.Tensor
+    pool_v: torch.Tensor

@@ -3,10 +3,13 @@
     (C_i, o_i) = F_theta(x_i, C_{i-1}, R_{i-1})
 
 One call takes the (un-rotated) queries/keys/values of a run of new tokens plus the
-cross-segment state before them and returns the attention output and the new state. The
-run may start inside an open segment (decode) and may end inside one (prefill of a prompt
-that is not a multiple of S); the one-pass training forward is simply a run over the whole
-sequence from an empty state. Training, prefill and decode therefore share every line here.
+cross-segment state before them (`LayerState`) and returns the attention output and the
+new state. The run may start inside an open segment and may end inside one (prefill of a
+prompt that is not a multiple of S); the one-pass training forward is simply a run over
+the whole sequence from an empty state. Training and prefill therefore share every line
+here, and a run of one token is exact too. Decode of one token per row, without gradient,
+has its own entry points that reuse the same segment transition: `SegmentedAttention.decode`
+and `SegmentedAttention.decode_rows` (megaseg.ops.decode).
 
 Shape legend: B batch, L new tokens, N segments in the run, S segment length, Q query
 positions per segment, K key positions, P prefix slots, H query heads, G KV groups,
@@ -14,52 +17,18 @@ D head dim.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from megaseg.config import LOCAL, RETRIEVAL, SEGMENT, RopeConfig, SegmentConfig
+from megaseg.ops import decode as _decode
 from megaseg.ops import kernels, stats
+from megaseg.ops.decode import RowsState
 from megaseg.ops.kernels import SegmentBatch
-from megaseg.ops.retrieval import retrieve
-from megaseg.ops.rope import Rotary, _rotate_half
-
-
-@dataclass
-class LayerState:
-    """Cross-segment state of one layer; nothing else crosses a segment boundary.
-
-    tokens:          tokens processed so far; the open segment holds tokens % S of them.
-    open_k/open_v:   [B, j, G, D] un-rotated KV of the open segment's tokens (all groups).
-    tail_k/tail_v:   [B, m, G_local, D] C_{i-1}: last M KV of the previous segment, local
-                     groups only; carries gradient in training.
-    ret_k/ret_v:     [B, r, G_ret, D] R_{i-1}: retrieved prefix of the current segment (detached).
-    pool_k/pool_v:   [B, T_closed, G_ret, D] retrieval-group KV of all closed segments (detached).
-    cache:           decode buffers of the open segment (`DecodeCache`), or None. Derived
-                     from the fields above and rebuilt from them whenever it does not match
-                     them, so code that builds, selects or concatenates states may drop it.
-    """
-
-    tokens: int = 0
-    open_k: torch.Tensor | None = None
-    open_v: torch.Tensor | None = None
-    tail_k: torch.Tensor | None = None
-    tail_v: torch.Tensor | None = None
-    ret_k: torch.Tensor | None = None
-    ret_v: torch.Tensor | None = None
-    pool_k: torch.Tensor | None = None
-    pool_v: torch.Tensor | None = None
-    cache: "DecodeCache | None" = field(default=None, repr=False, compare=False)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def detached(self) -> "LayerState":
-        return replace(self, **{k: v.detach() for k, v in self.tensors().items()})
+from megaseg.ops.retrieval import Retrieved, retrieve
+from megaseg.ops.rope import Rotary
+from megaseg.ops.state import LayerState
 
 
 class SegmentedAttention(torch.nn.Module):
@@ -112,17 +81,9 @@ class SegmentedAttention(torch.nn.Module):
                 raise ValueError("a context-parallel chunk starts from the state its neighbours send, not from a LayerState")
             return self._forward_chunk(q_BLHD, k_BLGD, v_BLGD, chunk)
         state = state or LayerState()
+        j = self._check_call(q_BLHD, k_BLGD, state)
         S = self.segment.segment_length
-        B, L, H, D = q_BLHD.shape
-        G = k_BLGD.shape[2]
-        if G != len(self.modes) or H != G * self.hpg:
-            raise ValueError(f"got {H} query heads / {G} KV groups, layer plan has {len(self.modes)} groups x {self.hpg}")
-        j = state.tokens % S
-        if j and (state.open_k is None or state.open_k.shape[1] != j):
-            raise ValueError(f"state at token {state.tokens} must hold an open segment of {j} tokens")
-        if L == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BLHD, k_BLGD, v_BLGD))):
-            return self._decode_step(q_BLHD, k_BLGD, v_BLGD, state, j)
-
+        L = q_BLHD.shape[1]
         # Keys/values of the run, aligned so that segment boundaries fall at multiples of S.
         k_all = torch.cat([state.open_k, k_BLGD], 1) if j else k_BLGD
         v_all = torch.cat([state.open_v, v_BLGD], 1) if j else v_BLGD
@@ -135,6 +96,48 @@ class SegmentedAttention(torch.nn.Module):
         pre_k, pre_v, pre_len = self._prefixes(k_all, v_all, state, n_seg, ret)
         out = self._attend_run(q_BLHD, k_all, v_all, pre_k, pre_v, pre_len, j, n_seg)
         return out, self._next_state(state, k_all, v_all, L, closed, ret)
+
+    def _check_call(self, q_BLHD, k_BLGD, state: LayerState) -> int:
+        """Check the heads against the plan and the state's open segment; returns j, the
+        tokens already in the open segment."""
+        H, G = q_BLHD.shape[2], k_BLGD.shape[2]
+        if G != len(self.modes) or H != G * self.hpg:
+            raise ValueError(f"got {H} query heads / {G} KV groups, layer plan has {len(self.modes)} groups x {self.hpg}")
+        j = state.tokens % self.segment.segment_length
+        if j and (state.open_k is None or state.open_k.shape[1] != j):
+            raise ValueError(f"state at token {state.tokens} must hold an open segment of {j} tokens")
+        return j
+
+    # ---- decode: one new token per row, no gradient (megaseg.ops.decode) -----------------
+    def decode(self, q_B1HD, k_B1GD, v_B1GD, state: LayerState | None = None):
+        """One new token per row, rows at one position: (output [B, 1, H, D], new LayerState).
+
+        The same output and state as ``forward`` on the token, computed in preallocated
+        buffers that ride on the state (`LayerState.cache`); the input state stays valid.
+        Inference only: the buffers are written in place, so no input may require grad.
+        """
+        if q_B1HD.shape[1] != 1:
+            raise ValueError(f"decode takes one new token per row, got {q_B1HD.shape[1]}; runs go through forward")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q_B1HD, k_B1GD, v_B1GD)):
+            raise ValueError("decode is inference only (it writes its buffers in place): "
+                             "run it under torch.no_grad(), or call forward for gradients")
+        state = state or LayerState()
+        self._check_call(q_B1HD, k_B1GD, state)
+        return _decode.step(self, q_B1HD, k_B1GD, v_B1GD, state)
+
+    def rows_state(self, row_states, like: torch.Tensor) -> RowsState:
+        """A `RowsState` of B rows from one batch-1 `LayerState` per row (any positions);
+        ``like`` gives device and dtype."""
+        return _decode.rows_state(self, row_states, like)
+
+    def decode_rows(self, q_B1HD, k_B1GD, v_B1GD, rs: RowsState) -> torch.Tensor:
+        """One new token per row, rows at any positions, in one batched step; updates ``rs``
+        and returns the output [B, 1, H, D] (no gradient, as `decode`)."""
+        return _decode.step_rows(self, q_B1HD, k_B1GD, v_B1GD, rs)
+
+    def rows_row(self, rs: RowsState, b: int) -> LayerState:
+        """Row b of ``rs`` as a batch-1 `LayerState`."""
+        return _decode.rows_row(self, rs, b)
 
     # ------------------------------------------------------------------------------------
     def _forward_chunk(self, q_BLHD, k_BLGD, v_BLGD, chunk):
@@ -364,200 +367,6 @@ class SegmentedAttention(torch.nn.Module):
             new.pool_k, new.pool_v = ret.pool_k, ret.pool_v
         return new
 
-    # ---- decode: one token, no gradient ------------------------------------------------
-    def _decode_step(self, q_BLHD, k_BLGD, v_BLGD, state, j):
-        """One new token of the open segment (decode), with the layer's `DecodeCache`.
-
-        Every position inside a segment is fixed (prefix 0..P-1, segment token t at
-        P + t), so a key is rotated once, when its token enters, and written into
-        preallocated buffers; the prefix is rotated once per segment. A step rotates one
-        query and one key and runs one attention call over the buffers (query heads of a
-        KV group act as that group's queries: no GQA expansion). When the token fills the
-        segment it closes exactly as in a run (tail, pool, retrieval), from the buffers.
-        """
-        S = self.segment.segment_length
-        cache = state.cache if j and _cache_matches(state, j) else None
-        if cache is None:
-            cache = self._decode_cache(state, j, k_BLGD)
-        B, _, H, D = q_BLHD.shape
-        G = k_BLGD.shape[2]
-        cos, sin = cache.cos[:, j], cache.sin[:, j]  # [G, D] at position prefix_len[g] + j
-        k1, v1 = k_BLGD[:, 0], v_BLGD[:, 0]  # [B, G, D]
-        q1 = q_BLHD[:, 0].reshape(B, G, self.hpg, D)
-        slot = cache.width + j
-        cache.k_open[:, j] = k1
-        cache.v_open[:, j] = v1
-        cache.k_rot[:, :, slot] = k1 * cos + _rotate_half(k1) * sin
-        cache.v[:, :, slot] = v1
-        cache.filled = j + 1
-        q_rot = q1 * cos[:, None] + _rotate_half(q1) * sin[:, None]
-        mask = None if cache.bias is None else cache.bias[:, :, : slot + 1]
-        o = F.scaled_dot_product_attention(q_rot, cache.k_rot[:, :, : slot + 1], cache.v[:, :, : slot + 1], attn_mask=mask)
-        out = o.reshape(B, 1, H, D)
-        if j + 1 < S:
-            new = replace(state, tokens=state.tokens + 1, open_k=cache.k_open[:, : j + 1],
-                          open_v=cache.v_open[:, : j + 1], cache=cache)
-            return out, new
-        # The segment closes: the same transition as a run that ends on a boundary.
-        k_all, v_all = cache.k_open, cache.v_open
-        ret = self._retrieve_run(q_BLHD, k_all, v_all, state, j, 1) if self._uses_retrieval else None
-        return out, self._next_state(state, k_all, v_all, 1, 1, ret)
-
-    def _decode_cache(self, state, j, like):
-        """A `DecodeCache` for the open segment of ``state`` (``j`` tokens in it so far)."""
-        S = self.segment.segment_length
-        B, _, G, D = like.shape
-        dev, dtype = like.device, like.dtype
-        pre_len = torch.zeros(G, dtype=torch.long, device=dev)
-        parts = []
-        if self._uses_tail and state.tail_k is not None:
-            parts.append((self._local_groups, state.tail_k, state.tail_v))
-        if self._uses_retrieval and state.ret_k is not None:
-            parts.append((self._retrieval_groups, state.ret_k, state.ret_v))
-        width = max((pk.shape[1] for _, pk, _ in parts), default=0)
-        k_rot = torch.zeros(B, G, width + S, D, device=dev, dtype=dtype)
-        v = torch.zeros(B, G, width + S, D, device=dev, dtype=dtype)
-        pos = torch.arange(width + S, device=dev)
-        for gidx, pk, pv in parts:
-            n = pk.shape[1]
-            pre_len[gidx] = n
-            k_rot[:, gidx, :n] = self.rotary(pk.to(dtype), pos[:n]).transpose(1, 2)
-            v[:, gidx, :n] = pv.to(dtype).transpose(1, 2)
-        # cos/sin [G, S, D] of segment token t in group g: position prefix_len[g] + t.
-        tab_cos, tab_sin = self.rotary.tables(width + S, dev, dtype)
-        seg_pos = pre_len[:, None] + pos[:S]
-        cos, sin = tab_cos[seg_pos], tab_sin[seg_pos]
-        k_open = torch.empty(B, S, G, D, device=dev, dtype=dtype)
-        v_open = torch.empty(B, S, G, D, device=dev, dtype=dtype)
-        if j:
-            k_open[:, :j] = state.open_k
-            v_open[:, :j] = state.open_v
-            ok = state.open_k.to(dtype).transpose(1, 2)  # [B, G, j, D]
-            k_rot[:, :, width : width + j] = ok * cos[:, :j] + _rotate_half(ok) * sin[:, :j]
-            v[:, :, width : width + j] = state.open_v.to(dtype).transpose(1, 2)
-        bias = None
-        if width and bool((pre_len < width).any()):
-            bias = torch.zeros(G, 1, width + S, device=dev, dtype=dtype)
-            bias[:, 0, :width].masked_fill_(pos[:width][None, :] >= pre_len[:, None], float("-inf"))
-        return DecodeCache(k_open=k_open, v_open=v_open, k_rot=k_rot, v=v, cos=cos, sin=sin, bias=bias,
-                           width=width, filled=j, prefix=(state.tail_k, state.ret_k))
-
-    # ---- decode of rows at different positions ------------------------------------------
-    def rows_state(self, row_states, like: torch.Tensor) -> "RowsState":
-        """A `RowsState` of B rows from one batch-1 `LayerState` per row (any positions);
-        ``like`` gives device and dtype."""
-        S = self.segment.segment_length
-        B, G, D = len(row_states), len(self.modes), self.head_dim
-        W = max(self.segment.tail_length if self._uses_tail else 0,
-                self.segment.retrieval_length if self._uses_retrieval else 0)
-        dev, dtype = like.device, like.dtype
-        rs = RowsState(
-            tokens=[st.tokens for st in row_states],
-            k_open=torch.zeros(B, S, G, D, device=dev, dtype=dtype), v_open=torch.zeros(B, S, G, D, device=dev, dtype=dtype),
-            k_rot=torch.zeros(B, G, W + S, D, device=dev, dtype=dtype), v=torch.zeros(B, G, W + S, D, device=dev, dtype=dtype),
-            pre_len=torch.zeros(B, G, dtype=torch.long, device=dev),
-            pre_bias=torch.zeros(B, G, 1, W, device=dev, dtype=dtype), width=W,
-            closed=[replace(st, open_k=None, open_v=None, cache=None) for st in row_states],
-        )
-        for b, st in enumerate(row_states):
-            self._rows_set_prefix(rs, b)
-            j = st.tokens % S
-            if j:
-                rs.k_open[b, :j] = st.open_k[0]
-                rs.v_open[b, :j] = st.open_v[0]
-                pos = rs.pre_len[b][:, None] + torch.arange(j, device=dev)  # [G, j]
-                cos, sin = self.rotary.tables(W + S, dev, dtype)
-                ok = st.open_k[0].to(dtype).transpose(0, 1)  # [G, j, D]
-                rs.k_rot[b, :, W : W + j] = ok * cos[pos] + _rotate_half(ok) * sin[pos]
-                rs.v[b, :, W : W + j] = st.open_v[0].to(dtype).transpose(0, 1)
-        return rs
-
-    def _rows_set_prefix(self, rs: "RowsState", b: int) -> None:
-        """Write row b's prefix (from its closed-segment state) into the buffers, rotated."""
-        st = rs.closed[b]
-        W = rs.width
-        rs.k_rot[b, :, :W] = 0
-        rs.v[b, :, :W] = 0
-        rs.pre_len[b] = 0
-        pos = torch.arange(W, device=rs.k_rot.device)
-        for on, gidx, pk, pv in ((self._uses_tail, self._local_groups, st.tail_k, st.tail_v),
-                                 (self._uses_retrieval, self._retrieval_groups, st.ret_k, st.ret_v)):
-            if on and pk is not None:
-                n = pk.shape[1]
-                rs.pre_len[b, gidx] = n
-                rs.k_rot[b, gidx, :n] = self.rotary(pk[0].to(rs.k_rot.dtype), pos[:n]).transpose(0, 1)
-                rs.v[b, gidx, :n] = pv[0].to(rs.v.dtype).transpose(0, 1)
-        rs.pre_bias[b] = 0
-        rs.pre_bias[b, :, 0].masked_fill_(pos[None, :] >= rs.pre_len[b][:, None], float("-inf"))
-
-    def decode_rows(self, q_B1HD, k_B1GD, v_B1GD, rs: "RowsState"):
-        """One new token per row, rows at any positions, in one batched step; updates ``rs``.
-
-        Row b's token sits at offset j_b of its open segment and is rotated at
-        prefix_len[b, g] + j_b; each row's keys are masked to its own valid prefix and
-        segment. Rows whose segment fills close it (tail, pool, retrieval) one by one,
-        which happens once per S steps of a row. Returns the output [B, 1, H, D].
-        """
-        S, W = self.segment.segment_length, rs.width
-        B, _, H, D = q_B1HD.shape
-        G = k_B1GD.shape[2]
-        dev = q_B1HD.device
-        js = [t % S for t in rs.tokens]
-        j = torch.tensor(js, device=dev)
-        cos_t, sin_t = self.rotary.tables(W + S, dev, rs.k_rot.dtype)
-        pos = rs.pre_len + j[:, None]  # [B, G]
-        cos, sin = cos_t[pos], sin_t[pos]  # [B, G, D]
-        k1, v1 = k_B1GD[:, 0], v_B1GD[:, 0]
-        q1 = q_B1HD[:, 0].reshape(B, G, self.hpg, D)
-        rows = torch.arange(B, device=dev)
-        rs.k_open[rows, j] = k1
-        rs.v_open[rows, j] = v1
-        rs.k_rot[rows, :, W + j] = k1 * cos + _rotate_half(k1) * sin
-        rs.v[rows, :, W + j] = v1
-        q_rot = q1 * cos[:, :, None] + _rotate_half(q1) * sin[:, :, None]
-        n = max(js) + 1
-        seg_ok = torch.arange(n, device=dev)[None, :] <= j[:, None]  # [B, n]
-        seg_bias = torch.zeros(B, n, device=dev, dtype=rs.k_rot.dtype).masked_fill_(~seg_ok, float("-inf"))
-        mask = torch.cat([rs.pre_bias, seg_bias[:, None, None, :].expand(B, G, 1, n)], 3)
-        o = F.scaled_dot_product_attention(q_rot, rs.k_rot[:, :, : W + n], rs.v[:, :, : W + n], attn_mask=mask)
-        for b in range(B):
-            rs.tokens[b] += 1
-            if js[b] + 1 == S:
-                self._rows_close(rs, b, q_B1HD[b : b + 1])
-        return o.reshape(B, 1, H, D)
-
-    def _rows_close(self, rs: "RowsState", b: int, q_1LHD) -> None:
-        """Close row b's full open segment: the run transition of `forward`, then its new prefix."""
-        S = self.segment.segment_length
-        k_all, v_all = rs.k_open[b : b + 1], rs.v_open[b : b + 1]
-        before = rs.closed[b]
-        ret = self._retrieve_run(q_1LHD, k_all, v_all, before, S - 1, 1) if self._uses_retrieval else None
-        rs.closed[b] = self._next_state(replace(before, tokens=rs.tokens[b] - S), k_all, v_all, S, 1, ret)
-        self._rows_set_prefix(rs, b)
-
-    def rows_row(self, rs: "RowsState", b: int) -> LayerState:
-        """Row b of ``rs`` as a batch-1 `LayerState`."""
-        j = rs.tokens[b] % self.segment.segment_length
-        st = replace(rs.closed[b], tokens=rs.tokens[b])
-        if j:
-            st.open_k, st.open_v = rs.k_open[b : b + 1, :j].clone(), rs.v_open[b : b + 1, :j].clone()
-        return st
-
-@dataclass(frozen=True)
-class Retrieved:
-    """Retrieval results of one run: R for the segment after each boundary closed in it.
-
-    keys/values: [B, C, R', G_ret, D] retrieved KV per boundary (detached, original order).
-    count:       [C] valid retrieved tokens per boundary (the rest of R' is padding).
-    pool_k/v:    [B, T_closed, G_ret, D] the pool after the run (detached).
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    count: torch.Tensor
-    pool_k: torch.Tensor
-    pool_v: torch.Tensor
-
 
 def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     extra = size - t.shape[dim]
@@ -566,73 +375,3 @@ def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = extra
     return torch.cat([t, t.new_zeros(shape)], dim)
-
-
-
-@dataclass
-class DecodeCache:
-    """Preallocated buffers of one layer's open segment for token-by-token decode.
-
-    k_open/v_open: [B, S, G, D] un-rotated KV of the open segment (the state's open_k/open_v
-                   are views of their first j tokens).
-    k_rot/v:       [B, G, P + S, D] rotated keys and values in attention layout: prefix slot
-                   p at p (valid below the group's prefix length), segment token t at P + t.
-    cos/sin:       [G, S, D] rotary tables of segment token t in group g.
-    bias:          [G, 1, P + S] additive mask of the invalid prefix slots, or None.
-    width:         P, the prefix slots.
-    filled:        open-segment tokens written so far (by the latest state that wrote).
-    prefix:        the (tail_k, ret_k) the prefix was built from.
-    """
-
-    k_open: torch.Tensor
-    v_open: torch.Tensor
-    k_rot: torch.Tensor
-    v: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    bias: torch.Tensor | None
-    width: int
-    filled: int
-    prefix: tuple
-
-
-@dataclass
-class RowsState:
-    """Decode state of one layer for B rows at any positions (`SegmentedAttention.decode_rows`).
-
-    tokens:        [B] tokens processed per row.
-    k_open/v_open: [B, S, G, D] un-rotated KV of each row's open segment (first j_b valid).
-    k_rot/v:       [B, G, W + S, D] rotated keys and values: prefix slot p at p, segment
-                   token t at W + t (W = max(M, R) of the layer, fixed).
-    pre_len:       [B, G] valid prefix slots per row and group.
-    pre_bias:      [B, G, 1, W] additive mask of the invalid prefix slots.
-    closed:        per row, a batch-1 `LayerState` of everything but the open segment
-                   (tail, retrieved prefix, pool); touched only when the row's segment closes.
-    """
-
-    tokens: list
-    k_open: torch.Tensor
-    v_open: torch.Tensor
-    k_rot: torch.Tensor
-    v: torch.Tensor
-    pre_len: torch.Tensor
-    pre_bias: torch.Tensor
-    width: int
-    closed: list
-
-
-def _cache_matches(state: LayerState, j: int) -> bool:
-    """Whether ``state.cache`` holds exactly this state's open segment and prefix: its
-    open KV are views of the cache's buffers, nobody wrote past them (a second decode
-    from the same state starts a new cache) and the prefix is the one it was built from."""
-    c = state.cache
-    return (
-        c is not None
-        and c.filled == j
-        and state.open_k.data_ptr() == c.k_open.data_ptr()
-        and state.open_k.shape[0] == c.k_open.shape[0]
-        and state.open_k.dtype == c.k_open.dtype
-        and c.prefix[0] is state.tail_k
-        and c.prefix[1] is state.ret_k
-    )
-

@@ -27,12 +27,15 @@ import math
 from collections import defaultdict
 
 import torch
+from megaseg.ops.recompute import recomputing
 
 _ACTIVE: "SegmentStats | None" = None
 
 
 def active() -> "SegmentStats | None":
-    return _ACTIVE
+    """The recorder of the running forward; None inside a recompute (megaseg.ops.recompute),
+    whose values the forward has already recorded."""
+    return None if recomputing() else _ACTIVE
 
 
 @contextlib.contextmanager

@@ -118,6 +118,18 @@ class PretrainConfig:
     deepspeed_config: str | None = _f(None, "DeepSpeed JSON config (zero_optimization.stage 1 or 2, optional "
                                       "offload_optimizer); batch sizes and clipping must agree with the flags", "parallel")
     use_te: bool | None = _f(None, "Transformer Engine layers (default: when importable)", "parallel")
+    recompute_granularity: str | None = _f(
+        None, "activation recompute (megatron's flag): full = keep only the inputs of each group of layers and "
+        "re-run them in the backward; selective = re-run only --recompute-modules. The carried tails keep their "
+        "gradient (TBPTT-K stays exact)", "parallel", ("full", "selective"))
+    recompute_method: str | None = _f(
+        None, "with full recompute: uniform = checkpoint every group of --recompute-num-layers layers; block = "
+        "checkpoint only the first --recompute-num-layers layers of each stage (default: uniform)", "parallel",
+        ("uniform", "block"))
+    recompute_num_layers: int | None = _f(None, "layers per checkpointed group (uniform) or checkpointed layers per "
+                                          "stage (block); default 1", "parallel")
+    recompute_modules: list[str] = _f([], "with selective recompute: core_attn and/or mlp (default: core_attn)",
+                                      "parallel")
     attention_kernel: str = _f(
         "auto", "segmented attention kernel: auto = fused Triton kernel on CUDA when triton imports, else the "
         "SDPA reference (not part of the model config)", "parallel", ("auto", "sdpa", "triton"),
@@ -125,6 +137,10 @@ class PretrainConfig:
 
     # ---- data -------------------------------------------------------------------------------
     data_path: list[str] = _f([], "megatron blend: prefix ... or weight prefix ... (default: the default dataset)", "data")
+    loss_mask_data_path: list[str] = _f(
+        [], "per --data-path prefix (same order), an indexed dataset of the same documents holding 1 where a token "
+        "is trained on: the loss counts only there (e.g. the answers of tools/make_recall_data.py "
+        "--loss-mask-output)", "data")
     default_data_dir: str = _f("data/default", "where the default dataset is prepared when no data_path is given", "data")
     split: str = _f("98,2,0", "train,valid,test split of the data", "data")
     reset_attention_mask: bool = _f(
@@ -181,6 +197,39 @@ class PretrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _hints()[f.name], f.metadata.get("choices")))
         self._check()
+        self._check_recompute()
+        if self.loss_mask_data_path and not self.data_path:
+            _fail("loss_mask_data_path", self.loss_mask_data_path, "needs --data-path (one mask per data prefix)")
+
+    def _check_recompute(self):
+        """Recompute flags are megatron's; a combination megatron would not run is one line."""
+        modules = {"core_attn", "mlp"}
+        if self.recompute_granularity != "full":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    _fail(name, getattr(self, name), "needs --recompute-granularity full")
+        if self.recompute_granularity != "selective" and self.recompute_modules:
+            _fail("recompute_modules", self.recompute_modules, "needs --recompute-granularity selective")
+        if "layernorm" in self.recompute_modules:
+            _fail("recompute_modules", self.recompute_modules,
+                  "cannot include layernorm: megatron's layernorm recompute (CheckpointWithoutOutput) frees its "
+                  "state after one backward, which TBPTT-K repeats, and its gradient differs from the exact one "
+                  "under segmented attention even at tbptt_k=0 (tested); use core_attn and/or mlp, or full")
+        if set(self.recompute_modules) - modules:
+            _fail("recompute_modules", self.recompute_modules, f"must be of {sorted(modules)} (a dense model)")
+        if self.recompute_num_layers is not None and self.recompute_num_layers <= 0:
+            _fail("recompute_num_layers", self.recompute_num_layers, "must be > 0")
+
+
+    def recompute_overrides(self) -> dict:
+        """megatron TransformerConfig fields of the recompute flags (megaseg.megatron.recompute
+        runs them with the carried tails' gradient)."""
+        if self.recompute_granularity == "full":
+            return {"recompute_granularity": "full", "recompute_method": self.recompute_method or "uniform",
+                    "recompute_num_layers": self.recompute_num_layers or 1}
+        if self.recompute_granularity == "selective":
+            return {"recompute_granularity": "selective", "recompute_modules": self.recompute_modules or ["core_attn"]}
+        return {}
 
     # ------------------------------------------------------------------------------------
     def _check(self):

@@ -37,9 +37,10 @@ V vocabulary (unpadded), H hidden.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from megaseg.training.batches import all_reduce_sum, compute_device, data_parallel_size, rank_microbatches
+from megaseg.training.batches import data_parallel_size
+from megaseg.training.engines import StepEngine
+from megaseg.training.losses import LossReducer, StepResult, global_predicted
 from megaseg.training.precision import autocast_context
 from megaseg.training.tbptt import sum_cross_entropy
 
@@ -92,12 +93,13 @@ def stage_state_dict(full_megatron_sd: dict, gpt) -> dict:
     return out
 
 
-def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: bool, loss_scale: float):
+def _schedule(model, microbatches, cfg, bf16: bool, reducer: LossReducer, *, k: int, forward_only: bool,
+              loss_scale: float) -> None:
     """Run every window of every micro-batch through megatron's schedule for this pipeline.
 
-    Returns (per-segment NLL sums, per-segment label counts) measured on the last stage
-    (zeros elsewhere), for this data-parallel rank. Without ``forward_only`` the gradient of
-    ``loss_scale * sum_i l_i`` accumulates in the DDP grad buffers.
+    The last stage adds each segment's NLL sum and label count (and the tokens) to
+    ``reducer``. Without ``forward_only`` the gradient of ``loss_scale * sum_i l_i``
+    accumulates in the DDP grad buffers.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -117,7 +119,6 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
     order = [(m, i) for m in range(len(microbatches)) for i in range(n_seg)]
     num_micro = len(order)
     store: dict[tuple[int, int], list] = {}  # (m, i) -> this stage's states after segment i
-    seg_sum, seg_count = [0.0] * n_seg, [0] * n_seg
 
     def forward_step(data_iterator, net):
         m, i = next(data_iterator)
@@ -139,8 +140,7 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
 
         def loss_func(logits_BLV):
             loss_sum = sum_cross_entropy(logits_BLV[:, -labels_BL.shape[1] :, :vocab], labels_BL)
-            seg_sum[i] += loss_sum.item()
-            seg_count[i] += int((labels_BL != -100).sum())
+            reducer.add(i, loss_sum.item(), int((labels_BL != -100).sum()))
             # megatron divides the returned loss by the number of micro-batches.
             return loss_sum * (loss_scale * num_micro), {}
 
@@ -156,54 +156,24 @@ def _schedule(model, microbatches, cfg, bf16: bool, *, k: int, forward_only: boo
         forward_only=forward_only,
     )
     store.clear()
-    return seg_sum, seg_count
+    if last:
+        reducer.add_tokens(sum(int(t.numel()) for t, _ in microbatches))
 
 
-def _to_all_stages(values: list[float]) -> list[float]:
-    """Sum over the pipeline group: what the last stage measured, known on every stage."""
-    if pipeline_size() == 1:
-        return values
-    from megatron.core import parallel_state
+class PipelineEngine(StepEngine):
+    """The windows engine: gradients of the global-batch mean NLL under TBPTT-K; the loss is
+    measured on the last stage and known on every stage after the reduction."""
 
-    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
-    dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
-    return t.tolist()
+    name = "pipeline windows"
 
+    def forward_backward(self, microbatches, record_stats: bool = False) -> StepResult:
+        predicted = global_predicted(microbatches)
+        reducer = LossReducer(self.n_segments)
+        # DDP averages gradients over dp; dp / predicted makes them the global token mean.
+        _schedule(self.model, microbatches, self.cfg, self.bf16, reducer, k=self.cfg.tbptt_k, forward_only=False,
+                  loss_scale=data_parallel_size() / max(predicted, 1))
+        return reducer.reduce(predicted)
 
-def forward_backward(model, microbatches, cfg, bf16: bool):
-    """The pipeline counterpart of `megaseg.training.trainer.forward_backward` (same returns):
-    gradients of the global-batch mean NLL under TBPTT-K in the DDP grad buffers, and
-    (sum of NLL, per-segment NLL sums, per-segment counts, tokens, predicted tokens), each
-    summed over all data-parallel ranks and known on every pipeline stage."""
-    dp = data_parallel_size()
-    local_predicted = sum(int((labels != -100).sum()) for _, labels in microbatches)
-    num_predicted = int(all_reduce_sum([local_predicted])[0])
-    # DDP averages gradients over dp; dp / num_predicted makes them the global token mean.
-    seg_sum, seg_count = _schedule(model, microbatches, cfg, bf16, k=cfg.tbptt_k, forward_only=False,
-                                   loss_scale=dp / max(num_predicted, 1))
-    n_seg = len(seg_sum)
-    tokens = sum(int(t.numel()) for t, _ in microbatches)
-    reduced = all_reduce_sum(_to_all_stages([*seg_sum, *map(float, seg_count)]) + [float(tokens)])
-    seg_sum, seg_count, tokens = reduced[:n_seg], reduced[n_seg : 2 * n_seg], int(reduced[-1])
-    return sum(seg_sum), seg_sum, seg_count, tokens, num_predicted
-
-
-@torch.no_grad()
-def evaluate(model, dataset, cfg, bf16: bool) -> tuple[float, list[float]]:
-    """`megaseg.training.trainer.evaluate` through the pipeline: forward only, one micro-batch per
-    segment with the carried state (K = 0 windows)."""
-    n_seg = -(-cfg.seq_length // cfg.segment_length)
-    seg_sum, seg_count = [0.0] * n_seg, [0.0] * n_seg
-    model.eval()
-    try:
-        for it in range(cfg.eval_iters):
-            microbatches = rank_microbatches(dataset, it * cfg.global_batch_size, cfg)
-            s, c = _schedule(model, microbatches, cfg, bf16, k=0, forward_only=True, loss_scale=1.0)
-            seg_sum = [a + b for a, b in zip(seg_sum, s)]
-            seg_count = [a + b for a, b in zip(seg_count, c)]
-    finally:
-        model.train()
-    reduced = all_reduce_sum(_to_all_stages(seg_sum + seg_count))
-    seg_sum, seg_count = reduced[:n_seg], reduced[n_seg:]
-    loss = sum(seg_sum) / max(sum(seg_count), 1.0)
-    return loss, [s / max(c, 1.0) for s, c in zip(seg_sum, seg_count)]
+    def _evaluate_batches(self, microbatches, reducer: LossReducer) -> None:
+        """Forward only, one micro-batch per segment with the carried state (K = 0 windows)."""
+        _schedule(self.model, microbatches, self.cfg, self.bf16, reducer, k=0, forward_only=True, loss_scale=1.0)

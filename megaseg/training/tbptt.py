@@ -29,11 +29,14 @@ SegmentForward = Callable[[torch.Tensor, list], tuple[torch.Tensor, list]]
 
 
 @dataclass
-class StepResult:
-    loss: float  # mean NLL over all predicted tokens (docs/semantics.md §5 reduction)
+class BatchResult:
+    """What the forward/backward of one batch of sequences measured (this rank's part)."""
+
+    loss: float  # summed NLL / num_predicted (docs/semantics.md §5 reduction)
     segment_losses: list[float] = field(default_factory=list)  # mean NLL of each segment's tokens
-    segment_tokens: list[int] = field(default_factory=list)
+    segment_tokens: list[int] = field(default_factory=list)  # labelled tokens of each segment
     tokens: int = 0
+    segment_sums: list[float] = field(default_factory=list)  # summed NLL of each segment's tokens
 
 
 def segment_labels(input_ids_BT: torch.Tensor, labels_BT: torch.Tensor | None):
@@ -76,7 +79,7 @@ def tbptt_backward(
     loss_scale: float = 1.0,
     num_predicted: int | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> StepResult:
+) -> BatchResult:
     """Run forward and backward of one sequence batch; accumulates parameter ``.grad``.
 
     The loss backpropagated is ``loss_scale * sum_i l_i / num_predicted`` (default: the
@@ -85,13 +88,13 @@ def tbptt_backward(
     """
     if k < 0:
         raise ValueError(f"tbptt_k={k} must be >= 0 here; the untruncated gradient (-1) is the one-pass "
-                         "backward (megaseg.parallel.context.chunk_backward)")
+                         "backward (megaseg.training.chunk.chunk_backward)")
     loss_fn = loss_fn or sum_cross_entropy
     labels_BT = segment_labels(input_ids_BT, labels_BT)
     T = input_ids_BT.shape[1]
     denom = num_predicted if num_predicted is not None else int((labels_BT != -100).sum())
     denom = max(denom, 1)
-    result = StepResult(loss=0.0, tokens=int(input_ids_BT.numel()))
+    result = BatchResult(loss=0.0, tokens=int(input_ids_BT.numel()))
     rec = stats.active()
     if rec is not None:
         rec.tbptt_k = k
@@ -105,9 +108,11 @@ def tbptt_backward(
         labels = labels_BT[:, start:stop]
         loss_sum = loss_fn(out, labels)
         n_lab = int((labels != -100).sum())
-        result.segment_losses.append(loss_sum.item() / max(n_lab, 1))
+        seg_sum = loss_sum.item()
+        result.segment_sums.append(seg_sum)
+        result.segment_losses.append(seg_sum / max(n_lab, 1))
         result.segment_tokens.append(n_lab)
-        total += loss_sum.item()
+        total += seg_sum
         more = k > 0 and stop < T
         loss_sum.mul(loss_scale / denom).backward(retain_graph=more)
         # Push l_i's cotangent back through G_{i-1} .. G_{i-K}.

@@ -14,7 +14,7 @@ from megaseg.checkpoint.formats import read_model
 from megaseg.checkpoint.weights import read_model_dir, save_model_dir
 from megaseg.config import HeadPlan, ModelConfig, RopeConfig, SegmentConfig
 from megaseg.hf.convert import write_hf_directory
-from megaseg.hf.llama_config import hf_config_dict, model_config_from_hf
+from megaseg.hf_config import hf_config_dict, model_config_from_hf
 from megaseg.models.llama import SegmentedLlamaForCausalLM
 from megaseg.training.arguments import PretrainConfig, parse_args
 
@@ -42,7 +42,9 @@ PRETRAIN = dict(
     tensor_model_parallel_size=2, pipeline_model_parallel_size=3, context_parallel_size=1, use_distributed_optimizer=True,
     deepspeed=False,
     deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",
+    recompute_granularity="full", recompute_method="block", recompute_num_layers=2, recompute_modules=[],
     data_path=["0.5", "a_text_document", "0.5", "b_text_document"], default_data_dir="elsewhere", split="90,5,5",
+    loss_mask_data_path=["a_mask_document", "b_mask_document"],
     reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True,
     tokenizer_model="tok.model", tokenizer_type="SentencePieceTokenizer", data_cache_path="cache", save="out", save_interval=10, load="in",
     no_load_optim=True, no_load_rng=True, override_opt_param_scheduler=True, pretrained_checkpoint="llama",
@@ -54,7 +56,9 @@ PRETRAIN = dict(
 # variants with pipeline size 1.
 VARIANTS = {"pipeline": PRETRAIN, "deepspeed": {**PRETRAIN, "pipeline_model_parallel_size": 1, "deepspeed": True,
                                                 "reset_attention_mask": False, "reset_position_ids": False},
-            "context": {**PRETRAIN, "pipeline_model_parallel_size": 1, "context_parallel_size": 2}}
+            "context": {**PRETRAIN, "pipeline_model_parallel_size": 1, "context_parallel_size": 2,
+                        "recompute_granularity": "selective", "recompute_method": None, "recompute_num_layers": None,
+                        "recompute_modules": ["mlp"]}}
 
 
 def _fields(cls):

@@ -13,7 +13,7 @@ import pytest
 
 from megaseg.checkpoint import training as checkpointing
 from tests.checkpoint.conftest import TINY_FLAGS
-from megaseg.training import trainer
+from megaseg.training import engines
 from megaseg.training.trainer import INTERRUPTED_FILE, pretrain
 from tests.training.synthetic import PatternDataset, tiny_config
 
@@ -120,18 +120,18 @@ TRAIN = PatternDataset(64, 32, seed=0)
 
 def _poison(monkeypatch, steps):
     """Make the gradients of the given (1-based) steps NaN, as an overflow would."""
-    real = trainer.forward_backward
+    real = engines.SequentialEngine.forward_backward
     calls = {"n": 0}
 
-    def forward_backward(model, *args, **kwargs):
-        out = real(model, *args, **kwargs)
+    def forward_backward(engine, *args, **kwargs):
+        out = real(engine, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] in steps:
-            for p in model.parameters():
+            for p in engine.model.parameters():
                 p.main_grad.fill_(math.nan)
         return out
 
-    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
+    monkeypatch.setattr(engines.SequentialEngine, "forward_backward", forward_backward)
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])

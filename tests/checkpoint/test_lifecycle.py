@@ -34,7 +34,7 @@ def _training_forward(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
     from megaseg.checkpoint.training import load_training_checkpoint, read_training_common
     from megaseg.megatron.model import segment_forward
     from megaseg.training.arguments import PretrainConfig
-    from megaseg.training.trainer import setup_model_and_optimizer
+    from megaseg.training.setup import setup_model_and_optimizer
 
     _, common = read_training_common(str(checkpoint))
     cfg = PretrainConfig(**{**common["args"], "tensor_model_parallel_size": 1})  # the run's config, whole
@@ -83,7 +83,7 @@ def test_tp2_training_checkpoint_exports_to_transformers_and_generates_alike(tp2
     greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 40:].tolist()
     stdout = io.StringIO()
     argv = [str(tp2_checkpoint), "--prompt-ids", ",".join(map(str, prompt[0].tolist())), "--max-new-tokens", "12",
-            "--ignore-eos", "--no-stream"]
+            "--ignore-eos", "--no-stream", "--no-echo"]
     from contextlib import redirect_stdout
 
     with redirect_stdout(stdout):

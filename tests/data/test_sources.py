@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megaseg.data import sources
+from megaseg.data import source_arrow, source_text
 from megaseg.data.preprocess import DataError, _Progress, check_input, preprocess_jsonl
 from megaseg.data.sources import count_documents, iter_documents, resolve_inputs
 
@@ -143,7 +143,7 @@ FORMATS = {
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_format_writes_the_same_token_ids(tmp_path, tokenizer, fmt, monkeypatch):
-    monkeypatch.setattr(sources, "_BATCH_ROWS", 3)  # several row batches per parquet/Arrow file
+    monkeypatch.setattr(source_arrow, "_BATCH_ROWS", 3)  # several row batches per parquet/Arrow file
     inputs = FORMATS[fmt](tmp_path)
     assert check_input(inputs) == len(DOCS)
     result = preprocess_jsonl(inputs, tokenizer.model_path, tmp_path / "out" / "corpus")
@@ -162,7 +162,7 @@ def test_json_keys_select_fields_of_records(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_json_arrays_stream_across_read_boundaries(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(sources, "_JSON_CHUNK", chunk)  # splits strings, numbers and UTF-8 sequences
+    monkeypatch.setattr(source_text, "_JSON_CHUNK", chunk)  # splits strings, numbers and UTF-8 sequences
     path = _json_array(tmp_path)
     assert [t for (t,) in iter_documents(resolve_inputs(path))] == DOCS
     path.write_bytes(b'[{"text": "a"},\n  {"text": "b", "n": 12345},\n {"text": 3}]')
@@ -219,7 +219,7 @@ def test_bad_records_name_file_and_line_or_row(tmp_path, monkeypatch):
     for name, (data, expected) in cases.items():
         (tmp_path / name).write_bytes(data)
         assert _error(tmp_path / name).startswith(f"{tmp_path}/{expected}"), name
-    monkeypatch.setattr(sources, "_BATCH_ROWS", 2)
+    monkeypatch.setattr(source_arrow, "_BATCH_ROWS", 2)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megaseg.config import ConfigError, HeadPlan, ModelConfig, RopeConfig, SegmentConfig
-from megaseg.eval.head_selection import plan_record, ranking, read_plan, score_heads, select_plan, write_plan
+from megaseg.eval.head_selection import plan_record, ranking, score_heads, select_plan, write_plan
+from megaseg.segment_options import read_plan_file as read_plan
 from megaseg.models.llama import SegmentedLlamaForCausalLM
 
 PLANTED = (0, 2)  # (layer, KV group)

@@ -98,7 +98,7 @@ def test_select_heads_writes_a_plan_the_converter_reads(ckpt, tmp_path, capsys):
                                      "--samples-per-task", "1", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
-    from megaseg.eval.head_selection import read_plan
+    from megaseg.segment_options import read_plan_file as read_plan
 
     plan = read_plan(out)
     assert plan.count("retrieval") == 2 and plan.num_layers == 3

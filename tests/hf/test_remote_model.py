@@ -111,3 +111,23 @@ def test_labels_give_the_mean_next_token_loss(exported):
         loss = remote(ids, labels=ids).loss
     want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert abs(loss.item() - want.item()) <= 1e-5
+
+
+def test_generate_decodes_through_the_operators_decode_entry_point(exported, monkeypatch):
+    """generate() keeps the segmented state and asks every layer's operator for its
+    buffered one-token decode (not the run path) at each step after the prompt."""
+    from megaseg.ops.segmented_attention import SegmentedAttention
+
+    model, root = exported
+    remote = AutoModelForCausalLM.from_pretrained(root / "out", trust_remote_code=True)
+    calls = []
+    real = SegmentedAttention.decode
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SegmentedAttention, "decode", counting)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+    remote.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert len(calls) == 3 * model.config.num_layers  # the prompt's forward gives token 1; 3 decode steps

@@ -172,3 +172,16 @@ def test_rows_at_different_positions_decode_in_one_step_and_convert_back_exactly
     for out_row, i in enumerate((2, 0, 2)):
         full = torch.cat([seqs[i], more])
         assert (logits[out_row] - _training_logits(model, full)[-1]).abs().max().item() <= 1e-5
+
+
+def test_decode_asks_the_operator_for_its_buffered_decode():
+    """Decode reaches the operator's decode entry point explicitly (a `DecodeStep` per
+    layer), whatever the grad mode: every layer's state carries its decode buffers."""
+    model = tiny_model(seed=11, S=S, M=M, R=R)
+    engine = InferenceEngine(model)
+    seq = random_ids([S + 5], model.config.vocab_size, seed=11)[0]
+    _, state = engine.prefill([seq[: S + 3]])
+    with torch.enable_grad():
+        logits = engine.decode(seq[S + 3 : S + 4], state)
+    assert all(st.cache is not None for st in state.groups[0].states)
+    assert (logits[0] - _training_logits(model, seq[: S + 4])[-1]).abs().max().item() <= 1e-5

@@ -30,7 +30,7 @@ def test_token_by_token_equals_one_pass_across_boundaries(modes, S, M, R):
     state, outs = None, []
     with torch.no_grad():
         for t in range(T):
-            o, state = op(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
+            o, state = op.decode(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
             outs.append(o)
             assert state.tokens == t + 1
             open_len = 0 if state.open_k is None else state.open_k.shape[1]
@@ -49,7 +49,7 @@ def test_buffers_are_allocated_once_per_segment():
     state, ptrs = None, {}
     with torch.no_grad():
         for t in range(3 * S):
-            _, state = op(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
+            _, state = op.decode(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
             if state.cache is not None and state.open_k is not None:
                 ptrs.setdefault(t // S, set()).add(state.cache.k_rot.data_ptr())
     assert sorted(ptrs) == [0, 1, 2]
@@ -67,7 +67,7 @@ def test_decode_continues_a_prefill_that_ends_inside_a_segment():
         out, state = op(q[:, :p], k[:, :p], v[:, :p])
         outs = [out]
         for t in range(p, T):
-            o, state = op(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
+            o, state = op.decode(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
             outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
 
@@ -80,11 +80,11 @@ def test_two_continuations_of_one_state_do_not_share_buffers():
     with torch.no_grad():
         base = None
         for t in range(S + 3):
-            _, base = op(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], base)
+            _, base = op.decode(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], base)
         # Branch a continues with the original tokens, branch b with others, both from `base`.
-        oa, sa = op(q[:, S + 3 : S + 4], k[:, S + 3 : S + 4], v[:, S + 3 : S + 4], base)
-        ob, sb = op(q2[:, :1], k2[:, :1], v2[:, :1], base)
-        oa2, _ = op(q[:, S + 4 : S + 5], k[:, S + 4 : S + 5], v[:, S + 4 : S + 5], sa)
+        oa, sa = op.decode(q[:, S + 3 : S + 4], k[:, S + 3 : S + 4], v[:, S + 3 : S + 4], base)
+        ob, sb = op.decode(q2[:, :1], k2[:, :1], v2[:, :1], base)
+        oa2, _ = op.decode(q[:, S + 4 : S + 5], k[:, S + 4 : S + 5], v[:, S + 4 : S + 5], sa)
     full, _ = op(q, k, v)
     torch.testing.assert_close(torch.cat([oa, oa2], 1), full[:, S + 3 : S + 5], rtol=0, atol=1e-12)
     qb = torch.cat([q[:, : S + 3], q2[:, :1]], 1)
@@ -106,6 +106,27 @@ def test_decode_with_gradient_takes_the_run_path():
         outs.append(o)
     torch.cat(outs, 1).sum().backward()
     assert q.grad is not None and state.cache is None
+
+
+def test_decode_is_asked_for_forward_of_one_token_stays_the_run_path():
+    """Only `decode` uses the buffers; `forward` of one token under no_grad is the run path
+    and gives the same output and state."""
+    S, G, hpg, D = 4, 3, 2, 4
+    op = _op((LOCAL, RETRIEVAL, SEGMENT), S, 2, 3, D, hpg)
+    q, k, v = _qkv(2, 2 * S + 1, G * hpg, G, D, seed=9)
+    with torch.no_grad():
+        run = dec = None
+        for t in range(2 * S + 1):
+            o_run, run = op(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], run)
+            o_dec, dec = op.decode(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], dec)
+            assert run.cache is None
+            torch.testing.assert_close(o_dec, o_run, rtol=0, atol=1e-12)
+            for name, t_run in run.tensors().items():
+                torch.testing.assert_close(getattr(dec, name), t_run, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one new token per row"):
+        op.decode(q[:, :2], k[:, :2], v[:, :2])
+    with pytest.raises(ValueError, match="inference only"):
+        op.decode(q[:, :1].requires_grad_(True), k[:, :1], v[:, :1])
 
 
 def test_rows_at_different_positions_equal_one_pass_per_row():

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from megaseg.config import LOCAL, RETRIEVAL, ModelConfig, SegmentConfig
 from megaseg.megatron.convert import megatron_to_reference, reference_to_megatron
 from megaseg.models.llama import SegmentedLlamaForCausalLM
-from megaseg.parallel.context import KINDS, ChunkLayout, bytes_per_layer
+from megaseg.parallel.context import KINDS, ChunkLayout, SequenceChunk
+from megaseg.parallel.traffic import bytes_per_layer
 from megaseg.training.tbptt import segment_labels, tbptt_backward
 from tests.megatron.conftest import random_head_plan
 from tests.training.synthetic import rel_close
@@ -107,7 +108,7 @@ def _run_layout(tp, cp, cfg, ref_sd, tokens, sent):
     from megatron.core import parallel_state as ps
 
     from megaseg.megatron.model import build_model
-    from megaseg.parallel.context import SequenceChunk, context_parallel_forward
+    from megaseg.training.chunk import TrainingChunk, context_parallel_forward
 
     meg = build_model(cfg, use_te=False)
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -124,7 +125,7 @@ def _run_layout(tp, cp, cfg, ref_sd, tokens, sent):
         meg.zero_grad()
         for kind in KINDS:
             sent[kind] = 0
-        chunk = SequenceChunk.for_this_rank(layout, k)
+        chunk = TrainingChunk.for_this_rank(layout, k)
         a, b = chunk.token_range
         loss = _sum_ce(context_parallel_forward(meg, ids[:, a:b], chunk), labels[:, a:b]) / n_pred
         chunk.backward(loss)
@@ -141,7 +142,7 @@ def _run_layout(tp, cp, cfg, ref_sd, tokens, sent):
         dist.all_reduce(counted)
         results[k] = (total.item(), megatron_to_reference(every, cfg), dict(zip(KINDS, counted.tolist())))
     with torch.no_grad():  # forward-only (validation): the same code, no copies
-        chunk = SequenceChunk.for_this_rank(layout, -1)
+        chunk = SequenceChunk.for_this_rank(layout)
         a, b = chunk.token_range
         loss = _sum_ce(context_parallel_forward(meg, ids[:, a:b], chunk), labels[:, a:b]) / n_pred
         chunk.finish()

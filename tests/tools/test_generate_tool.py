@@ -1,4 +1,5 @@
-"""tools/generate.py: text in, streamed text out, timing and memory report at the end."""
+"""tools/generate.py: text in, the prompt echoed and the streamed continuation out, timing and
+memory report at the end."""
 import io
 
 import pytest
@@ -37,15 +38,27 @@ def _report(err):
     return lines
 
 
-def test_streams_the_greedy_completion_of_a_text_prompt(checkpoint, capsys):
+def _completions(out):
+    """{row: completion text} of a batch printed with the prompts echoed."""
+    return {int(line[1:line.index("]")]): line.split("] completion: ", 1)[1]
+            for line in out.splitlines() if "] completion: " in line}
+
+
+def test_echoes_the_prompt_then_streams_the_greedy_completion(checkpoint, capsys):
     prompt = "the big cat sat on the red mat and then"
-    assert generate.main([str(checkpoint / "ms"), "--prompt", prompt, "--max-new-tokens", "20", "--ignore-eos"]) == 0
+    argv = [str(checkpoint / "ms"), "--prompt", prompt, "--max-new-tokens", "20", "--ignore-eos"]
+    assert generate.main(argv) == 0
     out, err = capsys.readouterr()
     model, _ = load_model(checkpoint / "ms")
     tok = TextTokenizer.load(checkpoint / "ms" / "tokenizer.model")
     ids = InferenceEngine(model).generate([tok.encode(prompt)], 20).tokens[0]
-    assert out.rstrip("\n") == tok.decode(ids)
+    assert tok.decode(ids) and prompt not in tok.decode(ids)
+    assert out == f"prompt: {prompt}\ncompletion: {tok.decode(ids)}\n"  # the prompt first, then the continuation
     assert "decode: 20 tokens" in _report(err)[1]
+    assert generate.main(argv + ["--no-echo"]) == 0  # the continuation alone
+    out, err = capsys.readouterr()
+    assert out == tok.decode(ids) + "\n" and prompt not in out
+    _report(err)
 
 
 def test_batch_from_files_and_ids_with_sampling_and_segment_overrides(checkpoint, capsys, tmp_path):
@@ -56,14 +69,16 @@ def test_batch_from_files_and_ids_with_sampling_and_segment_overrides(checkpoint
     assert generate.main(argv) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert [line[:3] for line in lines] == ["[0]", "[1]"]
     model, _ = load_model(checkpoint / "ms", segment=SegmentConfig(4, 2, 0, 1))
     tok = TextTokenizer.load(checkpoint / "ms")
     prompts = [tok.encode("a small dog ran under the log"), [1, 5, 9, 13]]
     want = InferenceEngine(model).generate(prompts, 6, SamplingConfig(0.9, 10, 0.9, 3)).tokens
-    assert lines[1] == "[1] " + tok.decode(want[1])
+    assert lines == ["[0] prompt: a small dog ran under the log", "[0] completion: " + tok.decode(want[0]),
+                     "[1] prompt: " + tok.decode([1, 5, 9, 13]), "[1] completion: " + tok.decode(want[1])]
     assert "S=4 M=2 R=0" in err
     _report(err)
+    assert generate.main(argv + ["--no-echo"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["[0] " + tok.decode(want[0]), "[1] " + tok.decode(want[1])]
 
 
 def test_exported_directory_and_token_ids_without_a_tokenizer(checkpoint, capsys):
@@ -71,7 +86,8 @@ def test_exported_directory_and_token_ids_without_a_tokenizer(checkpoint, capsys
     assert generate.main([str(checkpoint / "out"), "--prompt-ids", "1,7,3", "--max-new-tokens", "5", "--no-stream",
                           "--tokenizer", str(checkpoint / "ms")]) == 0
     out, _ = capsys.readouterr()
-    assert out.startswith("[0] ")
+    tok = TextTokenizer.load(checkpoint / "ms")
+    assert out.startswith(f"[0] prompt: {tok.decode([1, 7, 3])}\n[0] completion: ")
 
 
 @pytest.mark.parametrize("argv_tail, needle", [
@@ -116,13 +132,14 @@ def test_no_retrieval_runs_retrieval_groups_as_local_and_says_so(retrieving, cap
     local = HeadPlan((("segment", "local"), ("local", "local"), ("segment", "local")))
     model, _ = load_model(retrieving, segment=SegmentConfig(8, 3, 0, 1), head_plan=local)
     want = InferenceEngine(model).generate([prompt], 8).tokens[0]
-    assert out.strip() == "[0] " + " ".join(map(str, want))
+    assert out.splitlines() == ["[0] prompt: " + " ".join(map(str, prompt)),  # ids: no tokenizer
+                                "[0] completion: " + " ".join(map(str, want))]
     assert _overridden_lines(err) == ["# overridden (--no-retrieval): running S=8 M=3 R=0, plan 4 local / 0 retrieval / "
                                       "2 segment instead of the checkpoint's S=8 M=3 R=4, plan 3 local / 1 retrieval / "
                                       "2 segment"]
     assert generate.main(argv) == 0  # the checkpoint's own settings: retrieval changes the completion
     out_own, err = capsys.readouterr()
-    assert not _overridden_lines(err) and out_own != out
+    assert not _overridden_lines(err) and _completions(out_own) != _completions(out)
 
 
 def test_full_attention_is_one_segment_of_the_max_context(checkpoint, retrieving, capsys):
@@ -138,7 +155,7 @@ def test_full_attention_is_one_segment_of_the_max_context(checkpoint, retrieving
     for path in (retrieving, checkpoint / "hf_ids"):  # a megaseg directory and the plain HF Llama (no settings of its own)
         assert generate.main([str(path), *argv]) == 0
         out, err = capsys.readouterr()
-        assert out.strip() == "[0] " + " ".join(map(str, want))
+        assert _completions(out) == {0: " ".join(map(str, want))}
         assert "S=256 M=0 R=0" in err  # the Llama's max_position_embeddings
         assert len(_overridden_lines(err)) == (path == retrieving)
     assert generate.main([str(retrieving), *argv, "--segment-length", "64"]) == 0
@@ -174,7 +191,7 @@ def test_document_reset_continues_the_last_document_as_if_alone(checkpoint, caps
     """--document-reset on: a prompt of two documents (eos = 2 between them) completes as the
     second alone; off (the default for this checkpoint) the first one changes the completion."""
     first, second = "3,9,14,22,30,41,5,17,8,26,33", "11,4,27,19,35,6,23,12,40,15"
-    base = [str(checkpoint / "ms"), "--max-new-tokens", "12", "--ignore-eos", "--no-stream"]
+    base = [str(checkpoint / "ms"), "--max-new-tokens", "12", "--ignore-eos", "--no-stream", "--no-echo"]
     outs = []
     for prompt, reset in ((f"{first},2,{second}", "on"), (second, "off"), (f"{first},2,{second}", "off")):
         assert generate.main(base + ["--prompt-ids", prompt, "--document-reset", reset]) == 0

@@ -43,7 +43,8 @@ def _train(cfg):
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     from megaseg.training.batches import rank_microbatches
-    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import optimizer_state_bytes, setup_model_and_optimizer
 
     reductions = []
     original = DeepSpeedZeroOptimizer.reduce_ready_partitions_and_remove_grads
@@ -59,7 +60,7 @@ def _train(cfg):
         for it in range(STEPS):
             reductions.append([])
             batches = rank_microbatches(TRAIN, it * cfg.global_batch_size, cfg)
-            losses.append(train_step(model, optimizer, scheduler, batches, cfg, bf16=False).loss)
+            losses.append(train_step(select_engine(cfg, model, bf16=False), optimizer, scheduler, batches).loss)
     finally:
         DeepSpeedZeroOptimizer.reduce_ready_partitions_and_remove_grads = original
     weights = {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
@@ -80,11 +81,13 @@ def _cpu_adam_built() -> bool:
 
 def _replicated(cfg):
     from megaseg.training.batches import rank_microbatches
-    from megaseg.training.trainer import optimizer_state_bytes, setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import optimizer_state_bytes, setup_model_and_optimizer
 
     model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
-    losses = [train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, it * cfg.global_batch_size, cfg), cfg,
-                         bf16=False).loss for it in range(STEPS)]
+    engine = select_engine(cfg, model, bf16=False)
+    losses = [train_step(engine, optimizer, scheduler, rank_microbatches(TRAIN, it * cfg.global_batch_size, cfg)).loss
+              for it in range(STEPS)]
     weights = {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
     return losses, weights, optimizer_state_bytes(optimizer)
 
@@ -169,7 +172,7 @@ def test_deepspeed_checkpoint_saved_at_dp2_resumes_at_dp1(dp2, model_parallel, m
     ({"bf16": {"enabled": True}}, ["bf16.enabled=true", "bf16=False"]),
 ])
 def test_a_config_contradicting_the_flags_is_one_line_naming_both(tmp_path, model_parallel, extra, needles):
-    from megaseg.training.trainer import check_optimizer_settings
+    from megaseg.training.setup import check_optimizer_settings
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **extra}))

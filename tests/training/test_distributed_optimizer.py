@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megaseg.config import ConfigError
-from megaseg.training.trainer import optimizer_state_bytes, pretrain
+from megaseg.training.setup import optimizer_state_bytes
+from megaseg.training.trainer import pretrain
 from tests.training.synthetic import PatternDataset, rel_close, spawn_ranks, tiny_config
 from tools import inspect_checkpoint
 
@@ -34,7 +35,8 @@ def _train(cfg):
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 
     from megaseg.training.batches import rank_microbatches
-    from megaseg.training.trainer import setup_model_and_optimizer, train_step
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import setup_model_and_optimizer
 
     syncs = []
     original = _ParamAndGradBucketGroup.start_grad_sync
@@ -49,7 +51,7 @@ def _train(cfg):
         losses = []
         for it in range(STEPS):
             batches = rank_microbatches(TRAIN, it * cfg.global_batch_size, cfg)
-            losses.append(train_step(model, optimizer, scheduler, batches, cfg, bf16=False).loss)
+            losses.append(train_step(select_engine(cfg, model, bf16=False), optimizer, scheduler, batches).loss)
     finally:
         _ParamAndGradBucketGroup.start_grad_sync = original
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -151,7 +153,7 @@ def test_distributed_optimizer_checkpoint_exports(dp2, tmp_path):
 
 
 def test_distributed_optimizer_with_sgd_is_refused_in_one_line():
-    from megaseg.training.trainer import check_optimizer_settings
+    from megaseg.training.setup import check_optimizer_settings
 
     with pytest.raises(ConfigError) as info:
         check_optimizer_settings(tiny_config(use_distributed_optimizer=True, optimizer="sgd"))
@@ -162,7 +164,7 @@ def test_distributed_optimizer_with_sgd_is_refused_in_one_line():
 def test_deepspeed_missing_is_one_line_saying_how_to_install(monkeypatch, tmp_path):
     import builtins
 
-    from megaseg.training.trainer import check_optimizer_settings
+    from megaseg.training.setup import check_optimizer_settings
 
     real_import = builtins.__import__
 

@@ -58,12 +58,13 @@ def _step(cfg, weights=None):
     from megaseg.megatron.convert import megatron_to_reference
     from megaseg.megatron.model import layer_indices
     from megaseg.training.batches import rank_microbatches
-    from megaseg.training.trainer import forward_backward, setup_model_and_optimizer
+    from megaseg.training.engines import select_engine
+    from megaseg.training.setup import setup_model_and_optimizer
 
     mc = cfg.model_config(cfg.vocab_size)
     model, _, _ = setup_model_and_optimizer(cfg, mc, weights)
     model.zero_grad_buffer()
-    nll, _, _, _, num_predicted = forward_backward(model, rank_microbatches(DATA, 0, cfg), cfg, False)
+    result = select_engine(cfg, model, False).forward_backward(rank_microbatches(DATA, 0, cfg))
     finalize_model_grads([model])
     layers = layer_indices(model.module)
     grads = {}
@@ -72,7 +73,7 @@ def _step(cfg, weights=None):
         if parts[:2] == ["decoder", "layers"]:
             parts[2] = str(layers[int(parts[2])])
         grads[".".join(parts)] = p.main_grad.detach().clone()
-    out = {"loss": nll / num_predicted, "grads": grads}
+    out = {"loss": result.loss, "grads": grads}
     if weights is None:
         out["weights"] = megatron_to_reference([model.module.state_dict()], mc)
     return out

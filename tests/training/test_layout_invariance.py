@@ -43,11 +43,12 @@ def _rank(rank, port, out_dir):
 def _nan_forward_step(rank):
     """One train_step at CP 2 whose forward turns NaN in one segment of rank 1's chunk only:
     (update made, weights unchanged) on this rank."""
-    from megaseg.training import trainer
     from megaseg.training.batches import rank_microbatches
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import setup_model_and_optimizer
 
     cfg = tiny_config(context_parallel_size=2, micro_batch_size=1, global_batch_size=4, eval_iters=0)
-    model, optimizer, scheduler = trainer.setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def poison(module, inputs, output):
@@ -58,7 +59,7 @@ def _nan_forward_step(rank):
 
     handle = model.module.decoder.layers[0].register_forward_hook(poison) if rank == 1 else None
     try:
-        metrics = trainer.train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg), cfg, bf16=False)
+        metrics = train_step(select_engine(cfg, model, bf16=False), optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg))
     finally:
         if handle is not None:
             handle.remove()

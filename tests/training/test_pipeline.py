@@ -57,13 +57,14 @@ def _step(cfg, initial_weights, windows_engine=False):
     from megaseg.megatron.model import layer_indices
     from megaseg.training import pipeline
     from megaseg.training.batches import rank_microbatches
-    from megaseg.training.trainer import forward_backward, setup_model_and_optimizer
+    from megaseg.training.engines import select_engine
+    from megaseg.training.setup import setup_model_and_optimizer
 
     model, _, _ = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size), initial_weights)
     model.zero_grad_buffer()
     batches = rank_microbatches(TRAIN, 0, cfg)
-    run = pipeline.forward_backward if windows_engine else forward_backward
-    nll, seg_sum, seg_count, tokens, num_predicted = run(model, batches, cfg, False)
+    engine = pipeline.PipelineEngine(model, cfg, False) if windows_engine else select_engine(cfg, model, False)
+    result = engine.forward_backward(batches)
     finalize_model_grads([model])
     layers = layer_indices(model.module)
     grads = {}
@@ -72,7 +73,7 @@ def _step(cfg, initial_weights, windows_engine=False):
         if parts[:2] == ["decoder", "layers"]:  # stage-local -> global layer index
             parts[2] = str(layers[int(parts[2])])
         grads[".".join(parts)] = p.main_grad.detach().clone()
-    return {"loss": nll / num_predicted, "seg": [s / c for s, c in zip(seg_sum, seg_count)], "grads": grads}
+    return {"loss": result.loss, "seg": result.segment_losses, "grads": grads}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def plan(tmp_path_factory):
 def reference(plan, model_parallel, tmp_path_factory):
     """Single process, sequential engine: initial weights, loss and gradients per (K, tied)."""
     from megaseg.megatron.convert import megatron_to_reference
-    from megaseg.training.trainer import pretrain, setup_model_and_optimizer
+    from megaseg.training.setup import setup_model_and_optimizer
+    from megaseg.training.trainer import pretrain
 
     out = {}
     for k, tied in CASES:
@@ -164,25 +166,24 @@ def _non_finite_step(cfg):
     would): (update made, weights unchanged) on this rank."""
     from megatron.core import parallel_state as ps
 
-    from megaseg.training import trainer
     from megaseg.training.batches import rank_microbatches
+    from megaseg.training.engines import select_engine, train_step
+    from megaseg.training.setup import setup_model_and_optimizer
 
-    model, optimizer, scheduler = trainer.setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
+    model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    real = trainer.forward_backward
+    engine = select_engine(cfg, model, bf16=False)
+    real = engine.forward_backward
 
-    def poisoned(model, *args, **kwargs):
-        out = real(model, *args, **kwargs)
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
         if ps.is_pipeline_first_stage():
             for p in model.parameters():
                 p.main_grad.fill_(float("nan"))
         return out
 
-    trainer.forward_backward = poisoned
-    try:
-        metrics = trainer.train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg), cfg, bf16=False)
-    finally:
-        trainer.forward_backward = real
+    engine.forward_backward = poisoned
+    metrics = train_step(engine, optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg))
     unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     return metrics.update_successful, unchanged
 

@@ -6,7 +6,8 @@ from megaseg.config import ConfigError
 from megaseg.training import precision
 from megaseg.training.batches import rank_microbatches
 from megaseg.training.precision import resolve_bf16
-from megaseg.training.trainer import setup_model_and_optimizer, train_step
+from megaseg.training.engines import select_engine, train_step
+from megaseg.training.setup import setup_model_and_optimizer
 from tests.training.synthetic import PatternDataset, tiny_config
 
 
@@ -27,7 +28,7 @@ def test_bf16_autocast_step_matches_fp32_loss_closely(model_parallel):
     for bf16 in (False, True):
         cfg = tiny_config()
         model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
-        metrics = train_step(model, optimizer, scheduler, rank_microbatches(data, 0, cfg), cfg, bf16=bf16)
+        metrics = train_step(select_engine(cfg, model, bf16=bf16), optimizer, scheduler, rank_microbatches(data, 0, cfg))
         losses[bf16] = metrics.loss
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert losses[True] != losses[False]  # autocast really ran in bf16

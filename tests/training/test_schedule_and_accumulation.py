@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megaseg.training.batches import rank_microbatches
-from megaseg.training.trainer import forward_backward, setup_model_and_optimizer, train_step
+from megaseg.training.engines import SequentialEngine, select_engine, train_step
+from megaseg.training.setup import setup_model_and_optimizer
 from tests.training.synthetic import PatternDataset, tiny_config
 
 TRAIN = PatternDataset(16, 32, seed=0)
@@ -51,9 +52,9 @@ def _grads_after_one_batch(micro_batch_size):
     model.zero_grad_buffer()
     microbatches = rank_microbatches(TRAIN, 4, cfg)
     assert len(microbatches) == 4 // micro_batch_size
-    nll, seg_sum, seg_count, tokens, predicted = forward_backward(model, microbatches, cfg, bf16=False)
+    result = select_engine(cfg, model, bf16=False).forward_backward(microbatches)
     grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
-    return nll / predicted, grads, tokens
+    return result.loss, grads, result.tokens
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 2])
@@ -76,7 +77,7 @@ def test_train_step_with_accumulation_updates_weights_like_one_batch(model_paral
         cfg = tiny_config(micro_batch_size=mbs, global_batch_size=4, clip_grad=0.5, optimizer="sgd")
         model, optimizer, scheduler = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
         scheduler.step(increment=cfg.global_batch_size)  # past warmup: lr > 0
-        metrics = train_step(model, optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg), cfg, bf16=False)
+        metrics = train_step(select_engine(cfg, model, bf16=False), optimizer, scheduler, rank_microbatches(TRAIN, 0, cfg))
         assert metrics.grad_norm > 0.5 and metrics.lr > 0  # clipping was active, the step moved weights
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in params[0]:
@@ -91,7 +92,7 @@ def test_the_segment_forward_is_a_parameter_of_the_step(model_parallel):
     model, _, _ = setup_model_and_optimizer(cfg, cfg.model_config(cfg.vocab_size))
     microbatches = rank_microbatches(TRAIN, 0, cfg)
     model.zero_grad_buffer()
-    want = forward_backward(model, microbatches, cfg, bf16=False)
+    want = SequentialEngine(model, cfg, bf16=False).forward_backward(microbatches)
     calls = []
 
     def traced(m, ids_BL, states):
@@ -99,6 +100,6 @@ def test_the_segment_forward_is_a_parameter_of_the_step(model_parallel):
         return segment_forward(m, ids_BL, states)
 
     model.zero_grad_buffer()
-    got = forward_backward(model, microbatches, cfg, bf16=False, segment_forward=traced)
+    got = SequentialEngine(model, cfg, bf16=False, segment_forward=traced).forward_backward(microbatches)
     assert calls == [(2, cfg.segment_length)] * (2 * cfg.seq_length // cfg.segment_length)
     assert got == want

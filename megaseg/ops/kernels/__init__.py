@@ -22,9 +22,9 @@ Kernels:
 
 Decode (one new token per row, no gradient) does not cross this boundary: the operator
 keeps the open segment's rotated keys in preallocated buffers and runs one torch
-``scaled_dot_product_attention`` call per layer over them (`SegmentedAttention._decode_step`,
-`SegmentedAttention.decode_rows`), on any device; kernels serve runs of several tokens
-(training, prefill).
+``scaled_dot_product_attention`` call per layer over them (`SegmentedAttention.decode`,
+`SegmentedAttention.decode_rows`, in `megaseg.ops.decode`), on any device; kernels serve
+runs of tokens (training, prefill).
 
 The process-wide default is ``auto``; ``MEGASEG_ATTENTION_KERNEL`` overrides it at import,
 `set_default` at run time (``pretrain_gpt.py --attention-kernel``), and an operator built
