@@ -25,6 +25,7 @@ from megatron.core.utils import unwrap_model
 from megaseg.config import ConfigError, ModelConfig
 from megaseg.megatron.attention import SegmentStates
 from megaseg.megatron.convert import DEFAULT_VOCAB_MULTIPLE, padded_vocab_size
+from megaseg.megatron import recompute
 from megaseg.megatron.layer_spec import get_segmented_block_spec, resolve_use_te
 from megaseg.ops.segmented_attention import LayerState
 
@@ -54,9 +55,9 @@ def transformer_config_from(cfg: ModelConfig, **overrides) -> TransformerConfig:
 
     Parallel sizes default to those of the initialized megatron parallel state. Rejected
     (ConfigError): overriding a field ModelConfig decides (_FROM_MODEL_CONFIG), attention
-    dropout, megatron context parallelism, and recompute that re-runs attention — a
-    recomputed attention produces the carried tails under no_grad, so TBPTT-K would
-    silently lose their gradient (recompute the MLP or norms instead).
+    dropout, megatron context parallelism, and recompute settings whose megatron code path
+    would re-run attention outside megaseg's recompute (megaseg.megatron.recompute), which
+    keeps the carried tails' gradient.
     """
     params_dtype = overrides.pop("params_dtype", torch.float32)
     kwargs = dict(
@@ -108,13 +109,12 @@ def transformer_config_from(cfg: ModelConfig, **overrides) -> TransformerConfig:
             "(megaseg.parallel.context)"
         )
     config = TransformerConfig(**kwargs)
-    if config.recompute_granularity == "full" or (
-        config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or [])
-    ):
+    if config.recompute_granularity is not None and (config.distribute_saved_activations or config.fp8
+                                                     or config.fp4 or config.cpu_offloading):
         raise ConfigError(
-            f"recompute_granularity={config.recompute_granularity!r} with recompute_modules="
-            f"{config.recompute_modules!r} is invalid: recomputing attention drops the carried tails' "
-            "gradient; use recompute_granularity='selective' with modules such as ['mlp', 'layernorm']"
+            f"recompute_granularity={config.recompute_granularity!r} is invalid with distribute_saved_activations, "
+            "fp8/fp4 or cpu_offloading: megaseg's recompute (which keeps the carried tails' gradient) runs "
+            "neither; turn those off"
         )
     return config
 
@@ -154,6 +154,7 @@ def build_model(
     )
     # segment_forward needs the unpadded vocabulary; this is configuration, not state.
     model.megaseg_config = cfg
+    recompute.install(model)
     return model
 
 

@@ -132,10 +132,10 @@ def test_packed_thd_sequences_are_refused(make_cfg, tokens):
     "overrides, field",
     [
         (
-            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1,
+             "distribute_saved_activations": True},
             "recompute_granularity",
         ),
-        ({"recompute_granularity": "selective"}, "recompute_granularity"),
         ({"attention_dropout": 0.1}, "attention_dropout"),
         ({"num_attention_heads": 4}, "num_attention_heads"),
     ],
@@ -145,6 +145,11 @@ def test_transformer_config_rejects_settings_that_break_segmented_semantics(make
         transformer_config_from(make_cfg(), **overrides)
 
 
-def test_selective_recompute_of_mlp_is_allowed(make_cfg):
-    config = transformer_config_from(make_cfg(), recompute_granularity="selective", recompute_modules=["mlp"])
-    assert config.recompute_modules == ["mlp"]
+@pytest.mark.parametrize("overrides", [
+    {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
+    {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+])
+def test_recompute_settings_are_allowed(make_cfg, overrides):
+    config = transformer_config_from(make_cfg(), **overrides)
+    assert config.recompute_granularity == overrides["recompute_granularity"]
