@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None,
                    help="haystack text: stdlib (default, the embedded corpus) or a text file / directory")
     p.add_argument("--corpus-bytes", type=int, default=4 * 1024 * 1024, help="haystack corpus size cap (default 4 MiB)")
+    p.add_argument("--value-digits", type=int, default=5,
+                   help="digits of a pass key, magic number or variable value (default 5)")
+    p.add_argument("--align-answer", action="store_true",
+                   help="start the answer at a segment boundary: the question ends the segment before, so its "
+                        "query selects the retrieved prefix the answer reads; haystack text follows the answer")
+    p.add_argument("--loss-mask", action="store_true",
+                   help="also write <prefix>_loss_mask_document.bin/.idx (1 at answer tokens) for pretraining's "
+                        "--loss-mask-data-path")
     p.add_argument("--seed", type=int, default=1234, help="same arguments and seed give byte-identical files")
     p.add_argument("--log-interval", type=int, default=1000, help="a progress line every N documents (default 1000)")
     return p
@@ -102,11 +110,12 @@ def main(argv=None) -> int:
             eval_fraction=args.eval_fraction, mqar_pairs=args.mqar_pairs, mqar_queries=args.mqar_queries,
             copy_length=args.copy_length,
             vt_hops=args.vt_hops, vt_chains=args.vt_chains, append_bos=args.append_bos, corpus=args.corpus,
-            corpus_bytes=args.corpus_bytes,
+            corpus_bytes=args.corpus_bytes, value_digits=args.value_digits, align_answer=args.align_answer,
         )
         result = write_recall_dataset(args.tokenizer_model, args.output_prefix, settings,
                                       tokenizer_type=args.tokenizer_type,
-                                      log=lambda line: print(line, flush=True), log_interval=args.log_interval)
+                                      log=lambda line: print(line, flush=True), log_interval=args.log_interval,
+                                      loss_mask=args.loss_mask)
     except (ValueError, OSError) as exc:  # RecallError / ConfigError, TokenizerError, unwritable output: one line
         print(f"{PROG}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2

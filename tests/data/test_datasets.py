@@ -143,3 +143,46 @@ def test_default_data_is_built_once_with_long_documents(tmp_path):
     tokenizer = SentencePieceTokenizer(data.tokenizer_model)
     train, _, _ = build_train_valid_datasets(data.data_prefix, tokenizer, 512, [8, 1, 1], split="2,1,1")
     assert train[0]["tokens"].shape == (512,)
+
+
+def _write_masks(prefix, documents, mask_of):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint8)
+    for doc in documents:
+        builder.add_document(torch.tensor([mask_of(t) for t in doc], dtype=torch.uint8), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_a_loss_mask_dataset_keeps_the_loss_where_its_label_is_one(indexed, tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes, _ = indexed
+    source = IndexedDataset(prefixes["fwd"])
+    docs = [source[i].tolist() for i in range(len(source))]
+    odd = _write_masks(tmp_path / "odd", docs, lambda t: t % 2)
+    plain = build_train_valid_datasets(prefixes["fwd"], tokenizer, seq_length=SEQ, num_samples=[20, 0, 0],
+                                       split="1,0,0", seed=3).train
+    masked = build_train_valid_datasets(prefixes["fwd"], tokenizer, seq_length=SEQ, num_samples=[20, 0, 0],
+                                        split="1,0,0", seed=3, loss_mask_data=odd).train
+    assert len(masked) == len(plain)
+    for i in range(20):
+        want, got = plain[i], masked[i]
+        assert (got["tokens"] == want["tokens"]).all() and (got["labels"] == want["labels"]).all()
+        expected = (want["loss_mask"] > 0) & (want["labels"] % 2 == 1)  # the mask of a token is its parity
+        kept = got["loss_mask"] > 0
+        assert (kept == expected).all(), i
+        assert 0 < int(kept.sum()) < SEQ
+
+
+def test_a_loss_mask_of_other_documents_is_refused(indexed, tokenizer, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes, _ = indexed
+    source = IndexedDataset(prefixes["fwd"])
+    short = _write_masks(tmp_path / "short", [source[i].tolist()[:-1] for i in range(len(source))], lambda t: 1)
+    with pytest.raises(ValueError, match="does not have the documents"):
+        build_train_valid_datasets(prefixes["fwd"], tokenizer, seq_length=SEQ, num_samples=[5, 0, 0], split="1,0,0",
+                                   seed=3, loss_mask_data=short)

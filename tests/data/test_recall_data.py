@@ -1,5 +1,6 @@
-"""Recall training data: megaseg.data.recall and tools/make_recall_data.py, read back through
-megatron-core's IndexedDataset and checked against the needle sidecar."""
+"""Recall training data: megaseg.data.recall (and its recall_* modules) and
+tools/make_recall_data.py, read back through megatron-core's IndexedDataset and checked
+against the needle sidecar."""
 
 import json
 from dataclasses import replace
@@ -11,10 +12,10 @@ from megaseg.data.recall import (
     RECALL_TASKS,
     RecallError,
     RecallSettings,
-    mqar_vocabulary,
-    value_split,
     write_recall_dataset,
 )
+from megaseg.data.recall_pieces import mqar_vocabulary
+from megaseg.data.recall_settings import value_split
 from megaseg.data.tokenizer import load_tokenizer
 from megaseg.eval.tasks import PASSKEY_QUERY
 
@@ -90,10 +91,10 @@ def _check_dataset(tok, settings, docs, records):
         for answer in rec["answers"]:
             assert ids[answer["start"]:answer["end"]] == tok.tokenize(answer["text"])
         assert rec["references"] == [a["text"].strip() for a in rec["answers"]] and rec["references"]
-        # question at the end, answer right after it, then eod
+        # question at the end, answer right after it, then eod (aligned: haystack text before eod)
         question = rec["question"]
         last = rec["answer"]["end"] if rec["answer"] else question["end"]
-        assert last == rec["length"] - 1
+        assert last == rec["length"] - 1 or (settings.align_answer and last < rec["length"] - 1)
         if rec["answer"]:
             assert rec["answer"]["start"] == question["end"]
             assert all(rec["answer"]["start"] <= a["start"] < a["end"] <= rec["answer"]["end"] for a in rec["answers"])
@@ -305,3 +306,33 @@ def test_copy_documents_repeat_their_span(tmp_path, tokenizer):
         assert span["end"] - span["start"] == question["end"] - question["start"] == 20
         assert ids[span["start"]:span["end"]] == ids[question["start"]:question["end"]]
         assert [a["start"] for a in rec["answers"]] == list(range(question["start"] + 1, question["end"]))
+
+
+@pytest.mark.parametrize("digits", [0, 3])
+def test_aligned_answers_start_a_segment_and_the_loss_mask_marks_them(tmp_path, tokenizer, digits):
+    """align_answer: every answer starts a segment, so the question's last token ends the
+    segment before (its query selects the retrieved prefix the answer reads); the loss
+    mask is 1 exactly at the answer tokens; value_digits sets the values (0: one token)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    settings = replace(BASE, tasks=("passkey", "niah_single", "variable_tracking"), documents=16, haystack_fraction=0.0,
+                       align_answer=True, value_digits=digits)
+    result = write_recall_dataset(tokenizer.model_path, tmp_path / "aligned", settings, loss_mask=True)
+    docs, records = _read(tmp_path / "aligned")
+    _check_dataset(tokenizer, settings, docs, records)
+    masks = IndexedDataset(result.loss_mask_prefix)
+    for i, (ids, rec) in enumerate(zip(docs, records)):
+        assert rec["answer"]["start"] % settings.segment_length == 0
+        assert rec["question"]["end"] == rec["answer"]["start"] and len(ids) == 512 and ids[-1] == tokenizer.eod
+        marked = [j for j, m in enumerate(masks[i].tolist()) if m]
+        assert marked == [j for a in rec["answers"] for j in range(a["start"], a["end"])]
+        if rec["task"] == "passkey":
+            (value,) = rec["references"]
+            assert len(value) == digits and value.isdigit() if digits else len(rec["answers"][0]["text"]) > 0
+            assert rec["answers"][0]["end"] - rec["answers"][0]["start"] == (1 if digits == 0 else len(
+                tokenizer.tokenize(" " + value)))
+
+
+def test_align_answer_needs_tasks_with_one_answer():
+    with pytest.raises(RecallError, match="align_answer"):
+        replace(BASE, tasks=("mqar",), align_answer=True).validate()
