@@ -320,8 +320,10 @@ class PretrainConfig:
             _fail("split", self.split, "must be three comma-separated non-negative weights train,valid,test with train > 0")
         if self.eval_iters and weights[1] == 0:
             _fail("split", self.split, "has no validation share; give it one or set eval_iters=0")
-        try:  # the model/segment fields must form a valid model
-            self.model_config(self.vocab_size or 32)
+        try:  # the model/segment fields must form a valid model (with --pretrained-checkpoint the
+            # architecture is the checkpoint's: checked once pretrain_gpt.apply_pretrained has read it)
+            if not self.pretrained_checkpoint:
+                self.model_config(self.vocab_size or 32)
         except ConfigError as exc:
             name, _, rest = str(exc).partition("=")
             raise ConfigError(f"{_MODEL_FIELD_TO_FLAG.get(name, name)}={rest}") from None

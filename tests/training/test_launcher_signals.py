@@ -1,6 +1,7 @@
 """Preemption of a multi-rank job through the launcher: SIGTERM to examples/pretrain_torchrun.sh
-(CP 2 and PP 2 over two gloo ranks) makes every rank save at the same step, the launcher exits 0 with
-one line, and the same command resumes and reproduces the uninterrupted run's losses."""
+(CP 2 and PP 2 over two gloo ranks, CP 2 x DP 2 over four) makes every rank save at the same step,
+the launcher exits 0 with one line, and the same command resumes and reproduces the uninterrupted
+run's losses."""
 import os
 import signal
 import subprocess
@@ -20,7 +21,9 @@ def _losses(text):
     return [float(line.split("| loss ")[1].split()[0]) for line in text.splitlines() if line.startswith("iteration ")]
 
 
-LAYOUTS = {"cp2": ["--context-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
+LAYOUTS = {"cp2": ["--context-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"],
+           "cp2xdp2": ["--context-parallel-size", "2"]}
+NPROC = {"cp2xdp2": "4"}  # the others: 2
 
 
 def _command(prefix, tokenizer, save, layout="cp2"):
@@ -67,8 +70,8 @@ def _ranks(launcher_pid: int) -> dict[int, int]:
 
 def _resume_matches(prefix, tokenizer, save, tmp_path, first, want, layout="cp2"):
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
-    again = subprocess.run(_command(prefix, tokenizer, save, layout), cwd=tmp_path, env=ENV, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(_command(prefix, tokenizer, save, layout), cwd=tmp_path,
+                           env={**ENV, "NPROC": NPROC.get(layout, "2")}, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"holds this run's checkpoint at iteration {stopped}: resuming" in again.stdout
     got = first[:stopped] + _losses(again.stdout)
@@ -80,8 +83,9 @@ def _resume_matches(prefix, tokenizer, save, tmp_path, first, want, layout="cp2"
 def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp_path, tmp_path_factory, straight,
                                                                  layout):
     prefix, tokenizer = small_data
-    env = ENV
-    want = straight if layout == "cp2" else _straight(small_data, tmp_path_factory, layout)
+    env = {**ENV, "NPROC": NPROC.get(layout, "2")}
+    # CP 2 x DP 2 splits each global batch over two data-parallel ranks: the CP 2 run's losses
+    want = straight if layout.startswith("cp2") else _straight(small_data, tmp_path_factory, layout)
 
     save = tmp_path / "run"
     log = open(tmp_path / "run.log", "w+")
