@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The paper's regime at mini scale, through the real CLI (docs/recall.md):
+#   (a) a small model pretrained with full attention on documents with a pass key in them,
+#       the loss on the answers only (--loss-mask-data-path), until it recalls at its length;
+#   (b) long-range heads calibrated on it (tools/select_heads.py);
+#   (c) continued pretraining with segmented execution, TBPTT-1, from (a) through
+#       --pretrained-checkpoint, at 4 segments;
+#   (d) recall accuracy and retrieval hit rate at 1x .. 16x (c)'s training length, for the
+#       aligned model and the arms on the same weights (tools/recall_eval.py).
+#
+#   examples/recall/run.sh                  # RUN=runs/recall, about 45 min on 2 CPU cores
+#   QUICK=1 examples/recall/run.sh          # tiny sizes: checks the recipe end to end in a few minutes
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUN="${RUN:-runs/recall}"
+TOK="${TOK:-data/default/tokenizer.model}"
+# The haystack: RULER's pass-key filler (repeated sentences), in which no pass key occurs, so
+# finding the key is a lookup by content; CORPUS=stdlib plants it in natural text instead.
+CORPUS="${CORPUS:-examples/recall/filler.txt}"
+DIGITS="${DIGITS:-0}"              # 0: the pass key is one token (a word); N: N digits
+S0="${S0:-256}"                    # (a): full attention over S0 tokens
+S="${S:-128}"; M="${M:-32}"; R="${R:-32}"   # (c): segments, carried tail, retrieved prefix
+T="${T:-512}"                      # (c): training length, 4 segments
+ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-300}"; DOCS="${DOCS:-6000}"; EVAL_DOCS="${EVAL_DOCS:-40}"
+LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
+if [[ -n "${QUICK:-}" ]]; then
+  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; DOCS=200; EVAL_DOCS=4; LENGTHS="256 512"; WARMUP=1
+fi
+[[ -f "$TOK" ]] || python tools/prepare_default_data.py
+mkdir -p "$RUN"
+MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --num-query-groups 2)
+DATA=(--tokenizer-model "$TOK" --tasks passkey --value-digits "$DIGITS" --align-answer --corpus "$CORPUS")
+WARMUP="${WARMUP:-30}"
+COMMON=(--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters "$WARMUP" --micro-batch-size 32 --global-batch-size 32
+        --eval-iters 0 --split 100,0,0 --log-interval 25 --exit-signal-handler --long-range-layers 1)
+
+echo "== (a) full attention over $S0 tokens, loss on the answers"
+python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/a" --documents "$DOCS" --length "$S0" \
+  --segment-length $((S0 / 4)) --min-gap-segments 1 --max-gap-segments 2 --loss-mask --seed 1
+python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a_text_document" \
+  --loss-mask-data-path "$RUN/a_loss_mask_document" --tokenizer-model "$TOK" \
+  --seq-length "$S0" --segment-length "$S0" --tail-length 0 --retrieval-length 0 --num-long-range-heads 0 \
+  --train-iters "$ITERS_A" --save "$RUN/full" --save-interval "$ITERS_A"
+
+echo "== (b) long-range heads calibrated on (a)"
+python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --segment-length "$S" \
+  --tail-length "$M" --length "$S0" --tasks passkey --documents 8 --samples-per-task 8
+
+echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
+python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
+  --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 2
+python pretrain/pretrain_gpt.py "${COMMON[@]}" --pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document" \
+  --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S" --tail-length "$M" \
+  --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --tbptt-k 1 --lr 1e-3 \
+  --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
+
+echo "== (d) recall at 1x .. 16x the training length, held-out pass keys"
+EVAL=()
+for L in $LENGTHS; do
+  python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/eval_$L" --split eval --documents "$EVAL_DOCS" \
+    --length "$L" --segment-length "$S" --min-gap-segments 2 --max-gap-segments $(((L - 1) / S - 1)) --seed 3
+  EVAL+=(--data "${L}=$RUN/eval_$L")
+done
+python tools/recall_eval.py --checkpoint aligned="$RUN/aligned" --checkpoint full="$RUN/full" "${EVAL[@]}" \
+  --mode own --mode no_retrieval --mode full --mode "streaming=4:$((S + M))" \
+  --mode "segmented=$S:$M:$R:1:1" --documents "$EVAL_DOCS" --json "$RUN/recall.json"
+echo "wrote $RUN/recall.json"
