@@ -89,6 +89,8 @@ def save_training_checkpoint(
     model_config: dict[str, Any],
     tokenizer_model: str | None = None,
     hf: dict[str, Any] | None = None,
+    async_queue=None,
+    on_commit=None,
 ) -> str:
     """Save everything needed to resume at ``iteration``; returns the iter_* directory.
 
@@ -98,6 +100,12 @@ def save_training_checkpoint(
     tokenizer) is copied in, so exports and generation need nothing from the training
     run's data directory. ``hf`` (the base model's HF config fields, for continued
     pretraining) is kept so that an export restores them.
+
+    With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the sharded files are
+    written by a background process and this returns once it has started; the queue's
+    finalization (``maybe_finalize_async_calls``, collective) writes the manifest, renames
+    the checkpoint into place, moves the tracker and calls ``on_commit(path)``; until then
+    the previous checkpoint is the one to resume. Without it all of that happens here.
     """
     from megatron.core import dist_checkpointing
 
@@ -121,18 +129,28 @@ def save_training_checkpoint(
     )
     if hf:
         sd["hf"] = dict(hf)
-    dist_checkpointing.save(sd, tmp)
-    barrier()
-    if process_rank() == 0:
-        if tokenizer_model and os.path.isfile(tokenizer_model) and not tokenizer_model.endswith(".json"):
-            shutil.copyfile(tokenizer_model, os.path.join(tmp, TOKENIZER_FILE))
-        elif tokenizer_model and os.path.exists(tokenizer_model):
-            from megaseg.checkpoint.weights import copy_tokenizer_files
+    def finish():
+        barrier()
+        if process_rank() == 0:
+            if tokenizer_model and os.path.isfile(tokenizer_model) and not tokenizer_model.endswith(".json"):
+                shutil.copyfile(tokenizer_model, os.path.join(tmp, TOKENIZER_FILE))
+            elif tokenizer_model and os.path.exists(tokenizer_model):
+                from megaseg.checkpoint.weights import copy_tokenizer_files
 
-            copy_tokenizer_files(tokenizer_model, tmp)
-        _write_manifest(tmp)
-        _commit(tmp, final, root, iteration)
-    barrier()
+                copy_tokenizer_files(tokenizer_model, tmp)
+            _write_manifest(tmp)
+            _commit(tmp, final, root, iteration)
+        barrier()
+        if on_commit is not None:
+            on_commit(final)
+
+    if async_queue is None:
+        dist_checkpointing.save(sd, tmp)
+        finish()
+    else:
+        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+        request.add_finalize_fn(finish)
+        async_queue.schedule_async_request(request)
     return final
 
 

@@ -174,6 +174,10 @@ class PretrainConfig:
         "rank) instead of hanging it", "parallel")
     keep_last_n: int = _f(0, "keep only the newest N checkpoints in --save (0 = all); the one this run resumed "
                           "from is never deleted", "checkpointing")
+    async_save: bool = _f(
+        False, "write checkpoints in a background process (megatron-core dist_checkpointing's async save, "
+        "Megatron's --async-save): training goes on while the files are written; the checkpoint is renamed into "
+        "place and becomes the one to resume only once every rank's files are complete", "checkpointing")
     overwrite_checkpoints: bool = _f(
         False, "start from scratch even though --save holds checkpoints (they are removed once this run's first "
         "checkpoint is complete); without it, --save holding another run's checkpoints is an error and this run's "

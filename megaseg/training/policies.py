@@ -38,7 +38,10 @@ def _any_rank(flag: bool) -> bool:
 class Checkpointer:
     """Saves ``cfg.save`` checkpoints every ``save_interval`` steps and at the end; keeps the
     last ``keep_last_n`` (never the one resumed from); with ``overwrite_checkpoints`` the
-    first save of a fresh run removes the checkpoints that were there before."""
+    first save of a fresh run removes the checkpoints that were there before. With
+    ``async_save`` the files are written in the background: `poll` (every step boundary,
+    collective) commits a finished save, a new save first waits for the one in flight, and
+    `close` waits for the last; pruning and overwriting happen when a save is committed."""
 
     def __init__(self, cfg, model, optimizer, scheduler, *, model_config: dict, hf_fields, resume_from, say):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
@@ -46,21 +49,50 @@ class Checkpointer:
         self.last_checkpoint: str | None = None
         self.saved_at: int | None = None  # iteration of the newest checkpoint of this run (or resumed)
         self._replaced = False
+        self._queue = None
+        self._started = 0.0
+        if cfg.async_save and cfg.save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
 
     def due(self, iteration: int) -> bool:
         return bool(self.cfg.save and self.cfg.save_interval and iteration % self.cfg.save_interval == 0)
 
     def save(self, iteration: int, consumed: int) -> None:
-        from megaseg.training.ownership import prune_checkpoints, remove_other_checkpoints
-
-        cfg, t = self.cfg, time.perf_counter()
-        self.last_checkpoint = save_training_checkpoint(
+        cfg = self.cfg
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)  # one save in flight at a time
+        self._started = time.perf_counter()
+        path = save_training_checkpoint(
             cfg.save, iteration, self.model, self.optimizer, self.scheduler,
             consumed_train_samples=consumed, args=cfg.to_dict(), model_config=self.model_config,
-            tokenizer_model=cfg.tokenizer_model, hf=self.hf_fields,
+            tokenizer_model=cfg.tokenizer_model, hf=self.hf_fields, async_queue=self._queue,
+            on_commit=self._committed,
         )
         self.saved_at = iteration
-        self.say(f"saved checkpoint {self.last_checkpoint} ({time.perf_counter() - t:.1f} s)")
+        if self._queue is not None:
+            self.say(f"saving checkpoint {path} in the background ({time.perf_counter() - self._started:.1f} s "
+                     "to start)")
+
+    def poll(self) -> None:
+        """Commit an asynchronous save whose files every rank has written (collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def close(self) -> None:
+        """Wait for the save in flight and commit it (collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+            self._queue.close()
+            self._queue = None
+
+    def _committed(self, path: str) -> None:
+        from megaseg.training.ownership import prune_checkpoints, remove_other_checkpoints
+
+        cfg = self.cfg
+        self.last_checkpoint = path
+        self.say(f"saved checkpoint {path} ({time.perf_counter() - self._started:.1f} s)")
         if cfg.keep_last_n:
             if _is_rank0():
                 prune_checkpoints(cfg.save, cfg.keep_last_n, protect=self.resume_from)

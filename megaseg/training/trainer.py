@@ -176,12 +176,14 @@ def pretrain(
                 validator.run(iteration)
             if checkpointer.due(iteration):
                 checkpointer.save(iteration, consumed)
+            checkpointer.poll()
             exit_reason = exits.reason(iteration)
             if exit_reason is not None:
                 say(f"stopping: {exit_reason}")
                 break
         if cfg.save and checkpointer.saved_at != iteration:
             checkpointer.save(iteration, consumed)
+        checkpointer.close()
         if exit_reason is None or not exit_reason.startswith("exit_interval"):
             checkpointer.mark_interrupted(exit_reason)
     finally:
