@@ -48,7 +48,7 @@ PRETRAIN = dict(
     reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True,
     tokenizer_model="tok.model", tokenizer_type="SentencePieceTokenizer", data_cache_path="cache", save="out", save_interval=10, load="in",
     no_load_optim=True, no_load_rng=True, override_opt_param_scheduler=True, pretrained_checkpoint="llama",
-    overwrite_checkpoints=True, keep_last_n=3, distributed_timeout_minutes=3.0,
+    overwrite_checkpoints=True, keep_last_n=3, distributed_timeout_minutes=3.0, async_save=True,
     exit_signal_handler=False, exit_interval=20, exit_duration_in_mins=90.0, log_interval=2,
     tensorboard_dir="tb", eval_interval=10, eval_iters=3, log_segment_stats_interval=4,
 )
