@@ -113,6 +113,70 @@ def pretrain(
     SIGTERM/SIGUSR1 (``exit_signal_handler``), ``exit_interval`` and ``exit_duration_in_mins``
     save a checkpoint at the next step boundary and return early (``exit_reason``).
     """
+    run = _start(cfg, model_config, out, initial_weights, hf_fields)
+    cfg, say, monitor = run.cfg, run.say, run.monitor
+    checkpointer = Checkpointer(cfg, run.model, run.optimizer, run.scheduler, model_config=model_config.to_dict(),
+                                hf_fields=run.hf_fields, resume_from=run.resume_from, say=say)
+    checkpointer.saved_at = run.iteration if run.resume_from is not None else None
+    policies = _Policies(checkpointer, Validator(cfg, run.engine, valid_dataset, monitor), SkipPolicy(cfg, say),
+                         ExitPolicy(cfg, run.t_start))
+    losses, exit_reason = [], None
+    try:
+        while run.iteration < cfg.train_iters:
+            losses.append(_train_one_step(run, train_dataset, policies))
+            exit_reason = policies.exits.reason(run.iteration)
+            if exit_reason is not None:
+                say(f"stopping: {exit_reason}")
+                break
+        if cfg.save and checkpointer.saved_at != run.iteration:
+            checkpointer.save(run.iteration, run.consumed)
+        checkpointer.close()
+        if exit_reason is None or not exit_reason.startswith("exit_interval"):
+            checkpointer.mark_interrupted(exit_reason)
+    finally:
+        policies.exits.close()
+        monitor.close()
+    seconds = time.perf_counter() - run.t_start
+    skipped = policies.skips.skipped
+    say(f"done: iteration {run.iteration}, {len(losses)} steps in {seconds:.1f} s"
+        + (f" ({skipped} skipped)" if skipped else ""))
+    return TrainResult(run.iteration, run.start_iteration, losses, policies.validator.losses,
+                       checkpointer.last_checkpoint, seconds, skipped, exit_reason)
+
+
+@dataclass
+class _Run:
+    """What the loop carries: the built run and its position."""
+
+    cfg: PretrainConfig
+    monitor: TrainingMonitor
+    model: object
+    optimizer: object
+    scheduler: object
+    engine: object
+    resume_from: str | None
+    hf_fields: dict | None
+    t_start: float
+    wants_stats: bool
+    iteration: int = 0
+    consumed: int = 0
+    start_iteration: int = 0
+
+    def say(self, line: str) -> None:
+        self.monitor.log(line)
+
+
+@dataclass
+class _Policies:
+    checkpointer: Checkpointer
+    validator: Validator
+    skips: SkipPolicy
+    exits: ExitPolicy
+
+
+def _start(cfg, model_config, out, initial_weights, hf_fields) -> _Run:
+    """Claim the save directory, build the model, optimizer, schedule and engine, and resume
+    from a checkpoint if there is one."""
     from megaseg.training.ownership import claim_save_directory
 
     t_start = time.perf_counter()
@@ -121,7 +185,6 @@ def pretrain(
     is_logger = not dist.is_initialized() or dist.get_rank() == 0
     monitor = TrainingMonitor(cfg.tensorboard_dir, cfg.log_interval, cfg.train_iters, enabled=is_logger, out=out)
     say = monitor.log
-
     cfg = claim_save_directory(cfg, say)
     resume_from = locate_checkpoint(cfg.load, allow_missing=cfg.load == cfg.save) if cfg.load else None
     if resume_from is not None and initial_weights is not None:
@@ -138,59 +201,38 @@ def pretrain(
         say(f"note: segment statistics (--log-segment-stats-interval) are not recorded by the {engine.name} "
             "engine; they are recorded without context or pipeline parallelism")
         wants_stats = False
-
-    iteration, consumed = 0, 0
-    model_cfg_dict = model_config.to_dict()
+    run = _Run(cfg, monitor, model, optimizer, scheduler, engine, resume_from, hf_fields, t_start, wants_stats)
     if resume_from is not None:
-        iteration, consumed, loaded_hf = _resume(cfg, resume_from, model, optimizer, scheduler, model_cfg_dict, say)
-        hf_fields = hf_fields or loaded_hf
+        run.iteration, run.consumed, loaded_hf = _resume(cfg, resume_from, model, optimizer, scheduler,
+                                                         model_config.to_dict(), say)
+        run.hf_fields = hf_fields or loaded_hf
     elif cfg.load:
         say(f"no checkpoint in {cfg.load} yet; starting {'from the pretrained weights' if initial_weights else 'from scratch'}")
-    start_iteration = iteration
-    if iteration >= cfg.train_iters:
-        say(f"already trained to iteration {iteration} (train_iters={cfg.train_iters}); nothing to do")
+    run.start_iteration = run.iteration
+    if run.iteration >= cfg.train_iters:
+        say(f"already trained to iteration {run.iteration} (train_iters={cfg.train_iters}); nothing to do")
+    return run
 
-    checkpointer = Checkpointer(cfg, model, optimizer, scheduler, model_config=model_cfg_dict, hf_fields=hf_fields,
-                                resume_from=resume_from, say=say)
-    checkpointer.saved_at = iteration if resume_from is not None else None
-    validator = Validator(cfg, engine, valid_dataset, monitor)
-    skips = SkipPolicy(cfg, say)
-    exits = ExitPolicy(cfg, t_start)
-    losses, exit_reason = [], None
-    try:
-        while iteration < cfg.train_iters:
-            record_stats = wants_stats and ((iteration + 1) % cfg.log_segment_stats_interval == 0
-                                            or iteration == start_iteration)
-            with StepTimer() as timer:
-                metrics = train_step(engine, optimizer, scheduler, rank_microbatches(train_dataset, consumed, cfg),
-                                     record_stats=record_stats)
-            iteration += 1
-            consumed += cfg.global_batch_size
-            losses.append(metrics.loss)
-            skips.record(iteration, metrics, checkpointer.saved_at)
-            monitor.record_step(iteration, metrics.loss, metrics.segment_losses, metrics.lr, metrics.grad_norm,
-                                metrics.tokens, timer.seconds, consumed, skipped_steps=skips.skipped)
-            if metrics.segment_stats is not None:
-                monitor.record_segment_stats(iteration, *metrics.segment_stats.summary(metrics.grad_norm))
-            if validator.due(iteration):
-                validator.run(iteration)
-            if checkpointer.due(iteration):
-                checkpointer.save(iteration, consumed)
-            checkpointer.poll()
-            exit_reason = exits.reason(iteration)
-            if exit_reason is not None:
-                say(f"stopping: {exit_reason}")
-                break
-        if cfg.save and checkpointer.saved_at != iteration:
-            checkpointer.save(iteration, consumed)
-        checkpointer.close()
-        if exit_reason is None or not exit_reason.startswith("exit_interval"):
-            checkpointer.mark_interrupted(exit_reason)
-    finally:
-        exits.close()
-        monitor.close()
-    seconds = time.perf_counter() - t_start
-    say(f"done: iteration {iteration}, {len(losses)} steps in {seconds:.1f} s"
-        + (f" ({skips.skipped} skipped)" if skips.skipped else ""))
-    return TrainResult(iteration, start_iteration, losses, validator.losses, checkpointer.last_checkpoint, seconds,
-                       skips.skipped, exit_reason)
+
+def _train_one_step(run: _Run, train_dataset, policies: _Policies) -> float:
+    """One optimizer step, its log line, and the policies at its boundary; the step's loss."""
+    cfg = run.cfg
+    record_stats = run.wants_stats and ((run.iteration + 1) % cfg.log_segment_stats_interval == 0
+                                        or run.iteration == run.start_iteration)
+    with StepTimer() as timer:
+        metrics = train_step(run.engine, run.optimizer, run.scheduler,
+                             rank_microbatches(train_dataset, run.consumed, cfg), record_stats=record_stats)
+    run.iteration += 1
+    run.consumed += cfg.global_batch_size
+    it = run.iteration
+    policies.skips.record(it, metrics, policies.checkpointer.saved_at)
+    run.monitor.record_step(it, metrics.loss, metrics.segment_losses, metrics.lr, metrics.grad_norm, metrics.tokens,
+                            timer.seconds, run.consumed, skipped_steps=policies.skips.skipped)
+    if metrics.segment_stats is not None:
+        run.monitor.record_segment_stats(it, *metrics.segment_stats.summary(metrics.grad_norm))
+    if policies.validator.due(it):
+        policies.validator.run(it)
+    if policies.checkpointer.due(it):
+        policies.checkpointer.save(it, run.consumed)
+    policies.checkpointer.poll()
+    return metrics.loss
