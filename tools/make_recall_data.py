@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-digits", type=int, default=5,
                    help="digits of a pass key, magic number or variable value (default 5)")
     p.add_argument("--align-answer", action="store_true",
-                   help="start the answer at a segment boundary: the question ends the segment before, so its "
-                        "query selects the retrieved prefix the answer reads; haystack text follows the answer")
+                   help="start a segment with the question's last token (the one that predicts the answer): the "
+                        "retrieved prefix it reads is selected by the question's second-to-last token, which ends "
+                        "the segment before; haystack text follows the answer")
     p.add_argument("--loss-mask", action="store_true",
                    help="also write <prefix>_loss_mask_document.bin/.idx (1 at answer tokens) for pretraining's "
                         "--loss-mask-data-path")

@@ -19,7 +19,7 @@ TOK="${TOK:-data/default/tokenizer.model}"
 CORPUS="${CORPUS:-examples/recall/filler.txt}"
 DIGITS="${DIGITS:-0}"              # 0: the pass key is one token (a word); N: N digits
 S0="${S0:-256}"                    # (a): full attention over S0 tokens
-S="${S:-128}"; M="${M:-32}"; R="${R:-32}"   # (c): segments, carried tail, retrieved prefix
+S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retrieved prefix
 T="${T:-512}"                      # (c): training length, 4 segments
 ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-300}"; DOCS="${DOCS:-6000}"; EVAL_DOCS="${EVAL_DOCS:-40}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
@@ -54,13 +54,17 @@ python pretrain/pretrain_gpt.py "${COMMON[@]}" --pretrained-checkpoint "$RUN/ful
   --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --tbptt-k 1 --lr 1e-3 \
   --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
 
-echo "== (d) recall at 1x .. 16x the training length, held-out pass keys"
+echo "== (d) recall at 1x .. 16x the training length: new documents (pass keys of the training split), and"
+echo "   held-out pass keys at 1x (one-token values the untied output layer was never trained to emit)"
 EVAL=()
 for L in $LENGTHS; do
-  python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/eval_$L" --split eval --documents "$EVAL_DOCS" \
+  python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/eval_$L" --documents "$EVAL_DOCS" \
     --length "$L" --segment-length "$S" --min-gap-segments 2 --max-gap-segments $(((L - 1) / S - 1)) --seed 3
   EVAL+=(--data "${L}=$RUN/eval_$L")
 done
+python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/heldout_$T" --split eval --documents "$EVAL_DOCS" \
+  --length "$T" --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --seed 4
+EVAL+=(--data "heldout${T}=$RUN/heldout_$T")
 python tools/recall_eval.py --checkpoint aligned="$RUN/aligned" --checkpoint full="$RUN/full" "${EVAL[@]}" \
   --mode own --mode no_retrieval --mode full --mode "streaming=4:$((S + M))" \
   --mode "segmented=$S:$M:$R:1:1" --documents "$EVAL_DOCS" --json "$RUN/recall.json"

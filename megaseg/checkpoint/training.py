@@ -33,6 +33,7 @@ rest, whose public names it re-exports:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -117,6 +118,23 @@ def save_training_checkpoint(
         os.makedirs(tmp)
     barrier()
 
+    sd = _checkpoint_state_dict(model, optimizer, scheduler, iteration, consumed_train_samples, args,
+                                model_config, hf)
+    finish = functools.partial(_finish, tmp, final, root, iteration, tokenizer_model, on_commit)
+    if async_queue is None:
+        dist_checkpointing.save(sd, tmp)
+        finish()
+    else:
+        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+        request.add_finalize_fn(finish)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _checkpoint_state_dict(model, optimizer, scheduler, iteration: int, consumed_train_samples: int,
+                           args: dict[str, Any], model_config: dict[str, Any], hf: dict[str, Any] | None) -> dict:
+    """The sharded state dict of a save (model, optimizer, scheduler, RNG) with the common
+    state: format version, iteration, data position, the run's configs and layouts, ``hf``."""
     sd = sharded_state_dict(model, optimizer, scheduler, is_loading=False, with_optimizer=True, with_rng=True)
     sd.update(
         checkpoint_version=FORMAT_VERSION,
@@ -129,29 +147,26 @@ def save_training_checkpoint(
     )
     if hf:
         sd["hf"] = dict(hf)
-    def finish():
-        barrier()
-        if process_rank() == 0:
-            if tokenizer_model and os.path.isfile(tokenizer_model) and not tokenizer_model.endswith(".json"):
-                shutil.copyfile(tokenizer_model, os.path.join(tmp, TOKENIZER_FILE))
-            elif tokenizer_model and os.path.exists(tokenizer_model):
-                from megaseg.checkpoint.weights import copy_tokenizer_files
+    return sd
 
-                copy_tokenizer_files(tokenizer_model, tmp)
-            _write_manifest(tmp)
-            _commit(tmp, final, root, iteration)
-        barrier()
-        if on_commit is not None:
-            on_commit(final)
 
-    if async_queue is None:
-        dist_checkpointing.save(sd, tmp)
-        finish()
-    else:
-        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
-        request.add_finalize_fn(finish)
-        async_queue.schedule_async_request(request)
-    return final
+def _finish(tmp: str, final: str, root: str, iteration: int, tokenizer_model: str | None, on_commit) -> None:
+    """Complete a save once its sharded files are written (collective): rank 0 copies the
+    tokenizer in, writes the manifest and commits ``tmp`` as ``final``; then every rank
+    calls ``on_commit(final)``."""
+    barrier()
+    if process_rank() == 0:
+        if tokenizer_model and os.path.isfile(tokenizer_model) and not tokenizer_model.endswith(".json"):
+            shutil.copyfile(tokenizer_model, os.path.join(tmp, TOKENIZER_FILE))
+        elif tokenizer_model and os.path.exists(tokenizer_model):
+            from megaseg.checkpoint.weights import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_model, tmp)
+        _write_manifest(tmp)
+        _commit(tmp, final, root, iteration)
+    barrier()
+    if on_commit is not None:
+        on_commit(final)
 
 
 def _clean_interrupted(root: str) -> None:

@@ -216,7 +216,28 @@ def build_train_valid_datasets(
     empty = _check_splits(prefixes, split, num_samples)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    config = _gpt_config(
+        prefixes, weights, tokenizer, seq_length, split, seed, path_to_cache, empty,
+        eod_mask_loss=eod_mask_loss,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        create_attention_mask=create_attention_mask,
+    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
+    built = builder.build()
+    if loss_mask_data is None:
+        return GPTDatasets(*built)
+    masks = _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples)
+    return GPTDatasets(*(None if d is None else MaskedDataset(d, m) for d, m in zip(built, masks)))
+
+
+def _gpt_config(prefixes, weights, tokenizer, seq_length, split, seed, path_to_cache, empty, *, eod_mask_loss,
+                reset_position_ids, reset_attention_mask, create_attention_mask):
+    """megatron-core's GPTDatasetConfig of a build, with no split rows for the ``empty`` splits
+    (no documents and no samples asked for: build no dataset rather than loop)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     config = GPTDatasetConfig(
         random_seed=seed,
@@ -230,14 +251,9 @@ def build_train_valid_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask,
     )
-    for i in empty:  # no documents and no samples asked for: build no dataset rather than loop
+    for i in empty:
         config.split_matrix[i] = None
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
-    built = builder.build()
-    if loss_mask_data is None:
-        return GPTDatasets(*built)
-    masks = _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples)
-    return GPTDatasets(*(None if d is None else MaskedDataset(d, m) for d, m in zip(built, masks)))
+    return config
 
 
 def _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples):

@@ -137,22 +137,10 @@ def write_recall_dataset(
     builders = [IndexedDatasetBuilder(temps[0][0], dtype=DType.optimal_dtype(tokenizer.vocab_size))]
     if loss_mask:
         builders.append(IndexedDatasetBuilder(temps[1][0], dtype=np.uint8))
-    counts: Counter[str] = Counter()
     start = time.perf_counter()
     try:
-        with open(jsonl_tmp, "w", encoding="utf-8") as sidecar:
-            for i in range(settings.documents):
-                doc = generator.document(i)
-                builders[0].add_document(doc.ids, [len(doc.ids)])
-                if loss_mask:
-                    builders[1].add_document(answer_mask(doc), [len(doc.ids)])
-                sidecar.write(json.dumps(doc.record, ensure_ascii=False) + "\n")
-                counts[doc.record["task"]] += 1
-                result.tokens += len(doc.ids)
-                result.documents += 1
-                if log is not None and (i + 1) % log_interval == 0 and i + 1 < settings.documents:
-                    rate = (i + 1) / max(time.perf_counter() - start, 1e-9)
-                    log(f"{i + 1}/{settings.documents} documents, {rate:.0f} docs/s")
+        counts = _write_documents(generator, settings, builders, jsonl_tmp, result, loss_mask, log, log_interval,
+                                  start)
         for builder, (_, idx_tmp) in zip(builders, temps):
             builder.finalize(idx_tmp)
         for prefix, (bin_tmp, idx_tmp) in zip(prefixes, temps):
@@ -160,14 +148,43 @@ def write_recall_dataset(
             os.replace(idx_tmp, f"{prefix}.idx")
         os.replace(jsonl_tmp, result.needles_path)
     finally:
-        for builder in builders:
-            if not builder.data_file.closed:
-                builder.data_file.close()
-        for path in [p for pair in temps for p in pair] + [jsonl_tmp]:
-            Path(path).unlink(missing_ok=True)
+        _discard_partial(builders, [p for pair in temps for p in pair] + [jsonl_tmp])
     result.tasks = {task: counts[task] for task in (*settings.tasks, HAYSTACK) if counts[task]}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _write_documents(generator: RecallGenerator, settings: RecallSettings, builders: list, sidecar_path: str,
+                     result: RecallResult, loss_mask: bool, log: Callable[[str], None] | None, log_interval: int,
+                     start: float) -> Counter[str]:
+    """Generate every document into the builders (tokens, then the answer mask with
+    ``loss_mask``) and its record into the sidecar at ``sidecar_path``; count documents and
+    tokens into ``result``. Returns the documents per task."""
+    counts: Counter[str] = Counter()
+    with open(sidecar_path, "w", encoding="utf-8") as sidecar:
+        for i in range(settings.documents):
+            doc = generator.document(i)
+            builders[0].add_document(doc.ids, [len(doc.ids)])
+            if loss_mask:
+                builders[1].add_document(answer_mask(doc), [len(doc.ids)])
+            sidecar.write(json.dumps(doc.record, ensure_ascii=False) + "\n")
+            counts[doc.record["task"]] += 1
+            result.tokens += len(doc.ids)
+            result.documents += 1
+            if log is not None and (i + 1) % log_interval == 0 and i + 1 < settings.documents:
+                rate = (i + 1) / max(time.perf_counter() - start, 1e-9)
+                log(f"{i + 1}/{settings.documents} documents, {rate:.0f} docs/s")
+    return counts
+
+
+def _discard_partial(builders: list, paths: list[str]) -> None:
+    """Close the builders' data files and remove the temporary files left (none after a
+    complete write: they were renamed into place)."""
+    for builder in builders:
+        if not builder.data_file.closed:
+            builder.data_file.close()
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def _probe(generator: RecallGenerator) -> None:

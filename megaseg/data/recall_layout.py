@@ -6,10 +6,11 @@ needle) lies ``gap`` segment boundaries before the first token of the question, 
 ``gap`` drawn uniformly from the feasible values in ``[min_gap_segments,
 max_gap_segments]``. The other needles go before or after the anchor (each distractor
 chain keeps its order), at haystack line boundaries where one lies in range. The question
-and its answer end the document, followed by eod; with ``align_answer`` the answer's first
-token starts a segment (the question's last token ends the segment before, so its query is
-the one that selects that segment's retrieved prefix, docs/semantics.md §4) and haystack
-text fills the rest of the document after the answer.
+and its answer end the document, followed by eod; with ``align_answer`` the token that
+predicts the answer's first token (the question's last) starts a segment, so the retrieved
+prefix it reads was selected by the query of the question's second-to-last token, the last
+of the segment before (docs/semantics.md §4); haystack text fills the rest of the document
+after the answer.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class DocumentLayout:
         S = self.settings.segment_length
         qs, trail = length - 1 - tail, 0
         if self.settings.align_answer:
-            a_start = (length - 1 - (tail - len(question))) // S * S
+            a_start = (length - 2 - (tail - len(question))) // S * S + 1
             qs, trail = a_start - len(question), length - 1 - tail - (a_start - len(question))
             if qs < b + needles_len:
                 raise RecallError(f"length={length} is too short for task {task!r} with align_answer: the answer "

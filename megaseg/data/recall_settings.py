@@ -48,7 +48,7 @@ class RecallSettings:
     corpus: str | None = None  # None / "stdlib": the embedded corpus; else a text file or directory
     corpus_bytes: int = 4 * 1024 * 1024
     value_digits: int = 5  # digits of a pass key, magic number or variable value; 0: one single-token word
-    align_answer: bool = False  # the answer starts a segment: the question's last token ends one
+    align_answer: bool = False  # the question's last token (which predicts the answer) starts a segment
 
     def validate(self) -> "RecallSettings":
         self.tasks = tuple(self.tasks)

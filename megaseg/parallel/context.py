@@ -207,21 +207,36 @@ class SequenceChunk:
         chunk's first segment as (keys, values) [B, R'', G, D] from the previous rank (None
         on the first rank). Collective over the context-parallel ranks.
         """
-        layout, S = self.layout, self.layout.segment_length
-        B, C, G, h, D = q_end_BCGhD.shape
-        L = k_BLGD.shape[1]
-        dev, q_dtype, kv_dtype = k_BLGD.device, q_end_BCGhD.dtype, k_BLGD.dtype
         # 1. Segment-end queries to every earlier rank; later ranks' queries in.
+        later = self._exchange_queries(layer, q_end_BCGhD, k_BLGD.device)
+        # 2. This chunk's best candidates for each later rank's queries (all of its tokens are
+        #    before them).
+        self._answer_queries(layer, later, k_BLGD, v_BLGD, r, group_reduce)
+        # 3. Earlier ranks' candidates for this chunk's queries, merged with its own.
+        keys, values, count, kv = self._merge_candidates(layer, q_end_BCGhD, k_BLGD, v_BLGD, r, group_reduce)
+        # 4. The prefix of the next rank's first segment; this chunk's from the previous rank.
+        first = self._exchange_prefix(layer, q_end_BCGhD, k_BLGD, kv, count, r)
+        return keys, values, count, first
+
+    def _exchange_queries(self, layer: int, q_end_BCGhD: torch.Tensor, dev: torch.device) -> dict:
+        """Send this chunk's segment-end queries to every earlier rank; post the receives of
+        every later rank's: {peer: (work, queries [B, Cp, G, h, D])}."""
+        B, C, G, h, D = q_end_BCGhD.shape
         for earlier in range(self.rank):
             if C:
                 self._send(q_end_BCGhD, earlier, layer, "query")
         later = {}
         for peer in range(self.rank + 1, self.size):
-            Cp = layout.boundaries(peer)
+            Cp = self.layout.boundaries(peer)
             if Cp:
-                later[peer] = self._recv((B, Cp, G, h, D), q_dtype, dev, peer, layer, "query")
-        # 2. This chunk's best candidates for each later rank's queries (all of its tokens are
-        #    before them).
+                later[peer] = self._recv((B, Cp, G, h, D), q_end_BCGhD.dtype, dev, peer, layer, "query")
+        return later
+
+    def _answer_queries(self, layer: int, later: dict, k_BLGD: torch.Tensor, v_BLGD: torch.Tensor, r: int,
+                        group_reduce: str) -> None:
+        """Send each later rank this chunk's best min(R, L) candidates (score, position, key and
+        value) for its queries."""
+        L, dev = k_BLGD.shape[1], k_BLGD.device
         n = min(r, L)
         for peer, (work, q_peer) in later.items():
             work.wait()
@@ -231,11 +246,19 @@ class SequenceChunk:
             self._send(scores.gather(-1, idx).float(), peer, layer, "candidates")
             self._send(idx + self.start, peer, layer, "candidates")
             self._send(torch.cat([keys, values], -1), peer, layer, "candidates")
-        # 3. Earlier ranks' candidates for this chunk's queries, merged with its own.
+
+    def _merge_candidates(self, layer: int, q_end_BCGhD: torch.Tensor, k_BLGD: torch.Tensor,
+                          v_BLGD: torch.Tensor, r: int, group_reduce: str):
+        """This chunk's top-R over the earlier ranks' candidates and its own tokens: keys and
+        values [B, C, R', G, D], the valid count per boundary [C], and the merged keys and
+        values concatenated [B, C, R', G, 2D]."""
+        S = self.layout.segment_length
+        B, C, G, h, D = q_end_BCGhD.shape
+        dev, kv_dtype = k_BLGD.device, k_BLGD.dtype
         incoming = []
         if C:
             for earlier in range(self.rank):
-                ne = min(r, layout.tokens(earlier))
+                ne = min(r, self.layout.tokens(earlier))
                 incoming.append((
                     self._recv((B, G, C, ne), torch.float32, dev, earlier, layer, "candidates"),
                     self._recv((B, G, C, ne), torch.long, dev, earlier, layer, "candidates"),
@@ -260,17 +283,24 @@ class SequenceChunk:
         kv = cand_kv.gather(2, pick_BCRG.unsqueeze(-1).expand(*pick_BCRG.shape, 2 * D))
         keys, values = kv[..., :D], kv[..., D:]
         count = torch.clamp(self.start + valid_C, max=r)
-        # 4. The prefix of the next rank's first segment; this chunk's from the previous rank.
+        return keys, values, count, kv
+
+    def _exchange_prefix(self, layer: int, q_end_BCGhD: torch.Tensor, k_BLGD: torch.Tensor, kv: torch.Tensor,
+                         count: torch.Tensor, r: int):
+        """Send the retrieved prefix of this chunk's last boundary to the next rank (the prefix
+        of its first segment); return this chunk's from the previous rank as (keys, values)
+        [B, R'', G, D], or None on the first rank."""
+        B, C, G, h, D = q_end_BCGhD.shape
         if not self.is_last and C:
             c = int(count[-1])
             self._send(kv[:, -1, :c], self.rank + 1, layer, "prefix")
         first = None
         if not self.is_first:
-            work, prev = self._recv((B, min(r, self.start), G, 2 * D), kv_dtype, dev, self.rank - 1, layer, "prefix")
+            work, prev = self._recv((B, min(r, self.start), G, 2 * D), k_BLGD.dtype, k_BLGD.device, self.rank - 1,
+                                    layer, "prefix")
             work.wait()
             first = (prev[..., :D], prev[..., D:])
-        return keys, values, count, first
-
+        return first
 
 def _gather_tokens(x_BLGD: torch.Tensor, idx_BGCR: torch.Tensor) -> torch.Tensor:
     """x at token indices idx per group: [B, C, R, G, D]."""

@@ -60,9 +60,6 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
     without it the weights are `megaseg.training.initialization.initial_weights` of the run
     seed, the same at every parallel layout.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megaseg.megatron.model import build_model
@@ -90,6 +87,15 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
 
         model, optimizer, _ = deepspeed_backend.setup(cfg, gpt, data_parallel_size())
         return model, optimizer, _scheduler(cfg, optimizer)
+    model, optimizer = _ddp_and_optimizer(cfg, gpt)
+    return model, optimizer, _scheduler(cfg, optimizer)
+
+
+def _ddp_and_optimizer(cfg: PretrainConfig, gpt):
+    """(megatron-core DistributedDataParallel around ``gpt``, its megatron optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
     model = DistributedDataParallel(
         config=gpt.config,
         # overlap_grad_reduce=False: the TBPTT engine's several backward calls per micro-batch
@@ -118,7 +124,7 @@ def setup_model_and_optimizer(cfg: PretrainConfig, model_config: ModelConfig, in
         ),
         [model],
     )
-    return model, optimizer, _scheduler(cfg, optimizer)
+    return model, optimizer
 
 
 def _scheduler(cfg: PretrainConfig, optimizer):

@@ -116,20 +116,7 @@ def tbptt_backward(
         more = k > 0 and stop < T
         loss_sum.mul(loss_scale / denom).backward(retain_graph=more)
         # Push l_i's cotangent back through G_{i-1} .. G_{i-K}.
-        cot_leaves = leaves
-        for depth, (prev_leaves, prev_tails) in enumerate(reversed(window), start=1):
-            pairs = [(t, leaf.grad) for t, leaf in zip(prev_tails, cot_leaves)
-                     if leaf is not None and leaf.grad is not None and t is not None and t.requires_grad]
-            for leaf in prev_leaves:
-                if leaf is not None:
-                    leaf.grad = None
-            if not pairs:
-                break
-            if rec is not None:  # l_i's cotangent crossing `depth` boundaries back
-                rec.add_cotangent(depth, [p[1] for p in pairs])
-            last_use = depth == k
-            torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs], retain_graph=not last_use)
-            cot_leaves = prev_leaves
+        _push_cotangents(window, leaves, k, rec)
         if k > 0:
             window.append((leaves, _tail_outputs(states)))
             if len(window) > k:
@@ -138,6 +125,30 @@ def tbptt_backward(
             states = [st.detached() for st in states]
     result.loss = total / denom
     return result
+
+
+def _push_cotangents(window: deque, leaves: list, k: int, rec) -> None:
+    """Push the cotangent that segment i's loss left on ``leaves`` (G_i's input tails) back
+    through G_{i-1} .. G_{i-K}: ``window`` holds their (input leaves, output tails), newest
+    last. Each step backpropagates the leaf gradients of the step before from the tails
+    those leaves copy, after clearing the input leaves' gradients of the graph it enters (so
+    they collect only this loss's cotangent); it stops when no cotangent is left. A graph's
+    last use (depth K) frees it. ``rec`` (the active stats recorder, or None) records each
+    cotangent by its depth."""
+    cot_leaves = leaves
+    for depth, (prev_leaves, prev_tails) in enumerate(reversed(window), start=1):
+        pairs = [(t, leaf.grad) for t, leaf in zip(prev_tails, cot_leaves)
+                 if leaf is not None and leaf.grad is not None and t is not None and t.requires_grad]
+        for leaf in prev_leaves:
+            if leaf is not None:
+                leaf.grad = None
+        if not pairs:
+            break
+        if rec is not None:  # l_i's cotangent crossing `depth` boundaries back
+            rec.add_cotangent(depth, [p[1] for p in pairs])
+        last_use = depth == k
+        torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs], retain_graph=not last_use)
+        cot_leaves = prev_leaves
 
 
 def sum_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:

@@ -310,9 +310,10 @@ def test_copy_documents_repeat_their_span(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("digits", [0, 3])
 def test_aligned_answers_start_a_segment_and_the_loss_mask_marks_them(tmp_path, tokenizer, digits):
-    """align_answer: every answer starts a segment, so the question's last token ends the
-    segment before (its query selects the retrieved prefix the answer reads); the loss
-    mask is 1 exactly at the answer tokens; value_digits sets the values (0: one token)."""
+    """align_answer: the token that predicts every answer (the question's last) starts a
+    segment, so the question's second-to-last token ends the segment before and its query
+    selects the retrieved prefix the prediction reads; the loss mask is 1 exactly at the
+    answer tokens; value_digits sets the values (0: one token)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     settings = replace(BASE, tasks=("passkey", "niah_single", "variable_tracking"), documents=16, haystack_fraction=0.0,
@@ -322,7 +323,7 @@ def test_aligned_answers_start_a_segment_and_the_loss_mask_marks_them(tmp_path, 
     _check_dataset(tokenizer, settings, docs, records)
     masks = IndexedDataset(result.loss_mask_prefix)
     for i, (ids, rec) in enumerate(zip(docs, records)):
-        assert rec["answer"]["start"] % settings.segment_length == 0
+        assert rec["answer"]["start"] % settings.segment_length == 1
         assert rec["question"]["end"] == rec["answer"]["start"] and len(ids) == 512 and ids[-1] == tokenizer.eod
         marked = [j for j, m in enumerate(masks[i].tolist()) if m]
         assert marked == [j for a in rec["answers"] for j in range(a["start"], a["end"])]
