@@ -17,6 +17,7 @@ TOK="${TOK:-data/default/tokenizer.model}"
 # The haystack: RULER's pass-key filler (repeated sentences), in which no pass key occurs, so
 # finding the key is a lookup by content; CORPUS=stdlib plants it in natural text instead.
 CORPUS="${CORPUS:-examples/recall/filler.txt}"
+EVAL_CORPUS="${EVAL_CORPUS:-examples/recall/filler_long.txt}"   # the same filler, long enough for 16x
 DIGITS="${DIGITS:-0}"              # 0: the pass key is one token (a word); N: N digits
 S0="${S0:-256}"                    # (a): full attention over S0 tokens
 S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retrieved prefix
@@ -58,11 +59,11 @@ echo "== (d) recall at 1x .. 16x the training length: new documents (pass keys o
 echo "   held-out pass keys at 1x (one-token values the untied output layer was never trained to emit)"
 EVAL=()
 for L in $LENGTHS; do
-  python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/eval_$L" --documents "$EVAL_DOCS" \
+  python tools/make_recall_data.py "${DATA[@]}" --corpus "$EVAL_CORPUS" --output-prefix "$RUN/eval_$L" --documents "$EVAL_DOCS" \
     --length "$L" --segment-length "$S" --min-gap-segments 2 --max-gap-segments $(((L - 1) / S - 1)) --seed 3
   EVAL+=(--data "${L}=$RUN/eval_$L")
 done
-python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/heldout_$T" --split eval --documents "$EVAL_DOCS" \
+python tools/make_recall_data.py "${DATA[@]}" --corpus "$EVAL_CORPUS" --output-prefix "$RUN/heldout_$T" --split eval --documents "$EVAL_DOCS" \
   --length "$T" --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --seed 4
 EVAL+=(--data "heldout${T}=$RUN/heldout_$T")
 python tools/recall_eval.py --checkpoint aligned="$RUN/aligned" --checkpoint full="$RUN/full" "${EVAL[@]}" \
