@@ -564,12 +564,8 @@ def plot(result: dict, path: str) -> bool:
     return True
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the machinery, not numbers")
-    p.add_argument("--parts", nargs="+", default=["bytes", "steps", "memory"], choices=["bytes", "steps", "memory"])
-    p.add_argument("--bytes-head-dim", type=int, default=4, help="head dim of the measured-bytes model")
-    p.add_argument("--bytes-cp", type=int, default=PAPER["cp"], help="ranks of the measured-bytes run")
+def add_step_model_args(p: argparse.ArgumentParser) -> None:
+    """The model and sequence of the step and memory measurements (shared with tools/bench_recompute.py)."""
     p.add_argument("--step-tokens", type=int, default=16384)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
@@ -580,6 +576,15 @@ def main(argv=None) -> int:
     p.add_argument("--retrieval", type=int, default=128)
     p.add_argument("--long-range-layers", type=int, nargs="+", default=[1, 3])
     p.add_argument("--repeats", type=int, default=3)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the machinery, not numbers")
+    p.add_argument("--parts", nargs="+", default=["bytes", "steps", "memory"], choices=["bytes", "steps", "memory"])
+    p.add_argument("--bytes-head-dim", type=int, default=4, help="head dim of the measured-bytes model")
+    p.add_argument("--bytes-cp", type=int, default=PAPER["cp"], help="ranks of the measured-bytes run")
+    add_step_model_args(p)
     p.add_argument("--memory-cp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="also draw the results to this PNG (needs matplotlib)")

@@ -36,7 +36,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from megaseg.parallel.context import ChunkLayout  # noqa: E402
 from tools.bench_cp import (_chunk_step, _done, _init, _model_dict, _sequential_step, _timed, _tokens,  # noqa: E402
-                            step_model)
+                            add_step_model_args, step_model)
 from tools.bench_tbptt import reset_peak, status_kib  # noqa: E402
 
 SETTINGS = {
@@ -174,16 +174,7 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the machinery, not numbers")
-    p.add_argument("--step-tokens", type=int, default=16384)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--segment", type=int, default=1024)
-    p.add_argument("--tail", type=int, default=128)
-    p.add_argument("--retrieval", type=int, default=128)
-    p.add_argument("--long-range-layers", type=int, nargs="+", default=[1, 3])
-    p.add_argument("--repeats", type=int, default=3)
+    add_step_model_args(p)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     result = measure(args)
