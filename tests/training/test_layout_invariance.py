@@ -1,5 +1,6 @@
 """A fresh run's weights, and so its loss curve, are the same at every parallel layout: the
-same seed gives the one-process losses at PP 2, TP 2, CP 2 and DP 2 (one spawn, layouts in turn);
+same seed gives the one-process losses at PP 2, TP 2, CP 2 and DP 2 (one spawn, layouts in turn) and
+at PP 2 x TP 2 (four ranks);
 and a DP 2 run resumed on one process reads the same samples in the same order."""
 import io
 
@@ -104,3 +105,23 @@ def test_initial_weights_depend_on_the_seed_and_name_only():
     q0, q1 = a["model.layers.0.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"]
     assert not torch.equal(q0, q1)  # every parameter has a stream of its own
     assert abs(float(a["model.layers.0.mlp.down_proj.weight"].std()) - 0.02 / 2) < 2e-3  # 1/sqrt(2 x 2 layers)
+
+
+def _pp2_tp2_rank(rank, port, out_dir):
+    from megaseg.megatron import parallel
+
+    torch.set_num_threads(1)
+    parallel.init_process_group(rank=rank, world_size=4, init_method=f"tcp://127.0.0.1:{port}", timeout_s=120)
+    try:
+        parallel.initialize_model_parallel(tp=2, pp=2)
+        losses = _losses(pipeline_model_parallel_size=2, tensor_model_parallel_size=2)
+        torch.save(losses, out_dir / f"rank{rank}.pt")
+    finally:
+        parallel.destroy_model_parallel()
+
+
+def test_a_fresh_pp2_tp2_run_has_the_one_process_loss_curve(curves, tmp_path_factory):
+    one = curves[0]
+    ranks, _ = spawn_ranks(_pp2_tp2_rank, tmp_path_factory, "pp2tp2", nprocs=4)
+    for got in ranks:
+        assert len(got) == len(one) and all(rel_close(a, b, 1e-5) for a, b in zip(got, one)), (got, one)
