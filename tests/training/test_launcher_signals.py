@@ -108,9 +108,19 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_exits_0(small_data, tmp
     _resume_matches(prefix, tokenizer, save, tmp_path, first, want, layout)
 
 
-def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resumes(small_data, tmp_path, straight):
-    """kill -9 of rank 1 mid-run: the launcher exits non-zero within a bounded time, torchrun's
-    report names rank 1, the last complete checkpoint verifies, and the resume matches."""
+def _wait_for_save(save: Path, iteration: int, proc) -> None:
+    """Until the save of ``iteration`` is being written (its temporary directory exists)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (save / f".iter_{iteration:07d}.tmp").exists():
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("when", ["step", "save"])
+def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resumes(small_data, tmp_path, straight,
+                                                                                    when):
+    """kill -9 of rank 1 mid-step or mid-save: the launcher exits non-zero within a bounded
+    time, torchrun's report names rank 1, the last complete checkpoint verifies, and the
+    resume matches."""
     from megaseg.checkpoint.training import find_checkpoint, verify_checkpoint
 
     prefix, tokenizer = small_data
@@ -119,7 +129,10 @@ def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resum
     with open(log, "w") as out:
         proc = subprocess.Popen(_command(prefix, tokenizer, save) + ["--save-interval", "2"], cwd=tmp_path, env=ENV,
                                 stdout=out, stderr=subprocess.PIPE, text=True)
-        _wait_for_iterations(log, 5, proc)
+        if when == "step":
+            _wait_for_iterations(log, 5, proc)
+        else:
+            _wait_for_save(save, 4, proc)
         ranks = _ranks(proc.pid)
         assert sorted(ranks) == [0, 1]
         killed = time.time()
@@ -131,7 +144,7 @@ def test_kill_9_of_one_rank_fails_the_job_promptly_and_the_last_checkpoint_resum
     assert "pretrain_torchrun.sh: the run failed" in err
     verify_checkpoint(find_checkpoint(str(save)))
     stopped = _resume_matches(prefix, tokenizer, save, tmp_path, _losses(log.read_text()), straight)
-    assert stopped >= 4 and stopped % 2 == 0
+    assert stopped % 2 == 0 and stopped >= (4 if when == "step" else 2)
 
 
 def _hung_peer_rank(rank, port, out_dir):
