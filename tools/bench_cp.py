@@ -45,6 +45,7 @@ Three measurements, all in one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -427,17 +428,25 @@ def measure_steps(args) -> dict:
     return out
 
 
-def measure_memory(args) -> dict:
-    cfg, T = step_model(args), step_tokens(args)
+@contextlib.contextmanager
+def fixed_mmap_threshold():
+    """Spawned ranks run with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536), so
+    freed large blocks go back to the system between the modes a rank measures."""
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        by_size = {str(P): _spawn(_memory_rank, P, cfg, T, KS) for P in args.memory_cp}
+        yield
     finally:
         if old is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+
+
+def measure_memory(args) -> dict:
+    cfg, T = step_model(args), step_tokens(args)
+    with fixed_mmap_threshold():
+        by_size = {str(P): _spawn(_memory_rank, P, cfg, T, KS) for P in args.memory_cp}
     summary = {}
     for P, modes in by_size.items():
         for mode, ranks in modes.items():

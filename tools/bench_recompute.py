@@ -36,7 +36,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from megaseg.parallel.context import ChunkLayout  # noqa: E402
 from tools.bench_cp import (_chunk_step, _done, _init, _model_dict, _sequential_step, _timed, _tokens,  # noqa: E402
-                            add_step_model_args, step_model)
+                            add_step_model_args, fixed_mmap_threshold, step_model)
 from tools.bench_tbptt import reset_peak, status_kib  # noqa: E402
 
 SETTINGS = {
@@ -130,18 +130,11 @@ def measure(args) -> dict:
     cfg = step_model(args)
     T = 128 if args.quick else args.step_tokens
     settings = list(SETTINGS)
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
+    with fixed_mmap_threshold():
         memory = {}
         for world in (1, 2):
             memory.update(_spawn(_memory_rank, world, cfg, T, settings))
         timing = _spawn(_time_rank, 2, cfg, T, settings, 1 if args.quick else args.repeats)
-    finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
     rows = {}
     for name, ranks in memory.items():
         engine, setting = name.split("/")
