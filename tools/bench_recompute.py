@@ -35,7 +35,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from megaseg.parallel.context import ChunkLayout  # noqa: E402
-from tools.bench_cp import (_chunk_step, _done, _init, _model_dict, _sequential_step, _timed, _tokens,  # noqa: E402
+from tools.bench_cp import (_done, _init, _model_dict, _sequential_step, _timed, _tokens,  # noqa: E402
                             add_step_model_args, fixed_mmap_threshold, step_model)
 from tools.bench_tbptt import reset_peak, status_kib  # noqa: E402
 
@@ -56,7 +56,7 @@ def _build(cfg, setting: str):
 
 def _modes(world: int, cfg, T: int, settings):
     """(name, setting, step function factory) of this spawn."""
-    from megaseg.training.chunk import TrainingChunk
+    from megaseg.training.chunk import chunk_backward
 
     S = cfg.segment.segment_length
     tokens, labels, n_pred = _tokens(cfg, T)
@@ -66,7 +66,7 @@ def _modes(world: int, cfg, T: int, settings):
         if world == 1:
             out.append((f"sequential/{setting}", setting, lambda m: _sequential_step(m, tokens, S, K)))
         out.append((f"chunk_cp{world}/{setting}", setting,
-                    lambda m: _chunk_step(m, tokens, labels, n_pred, TrainingChunk.for_this_rank(layout, K))))
+                    lambda m: chunk_backward(m, tokens, labels, layout, K, num_predicted=n_pred).loss))
     return out
 
 

@@ -186,14 +186,56 @@ def context_parallel_forward(model, ids_BL: torch.Tensor, chunk: SequenceChunk) 
     return logits[..., : gpt.megaseg_config.vocab_size]
 
 
-def _segment_sums(logits_BLV, labels_BL, chunk: SequenceChunk):
-    """Summed NLL of the chunk (a tensor) and, per segment of the whole sequence, the NLL sum
-    and labelled-token count of this chunk's part (zero elsewhere)."""
+def recomputes_output_layer(model) -> bool:
+    """Full recompute also recomputes the output layer and the loss, one segment at a time
+    (`_checkpointed_nll`): otherwise the chunk's logits, their log-softmax and their gradient
+    (3 x V floats per token) would be the largest activation left."""
+    from megatron.core.utils import unwrap_model
+
+    config = unwrap_model(model).config
+    return config.recompute_granularity == "full" and not config.sequence_parallel
+
+
+def _checkpointed_nll(model, ids_BL: torch.Tensor, labels_BL: torch.Tensor, chunk: SequenceChunk) -> torch.Tensor:
+    """Per-token NLL [B, L] of the chunk, keeping for the backward only the final hidden
+    states: each segment's logits and cross entropy run through `checkpoint` (recomputed in
+    the backward, one segment's logits alive at a time)."""
+    from megatron.core.utils import unwrap_model
+
+    from megaseg.megatron.attention import SegmentStates
+    from megaseg.ops.recompute import checkpoint
+
+    gpt = unwrap_model(model)
+    post_process, gpt.post_process = gpt.post_process, False  # GPTModel returns the hidden states [L, B, E]
+    try:
+        hidden_LBE = model(ids_BL, position_ids=None, attention_mask=None,
+                           packed_seq_params=SegmentStates(chunk=chunk))
+    finally:
+        gpt.post_process = post_process
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+    V = gpt.megaseg_config.vocab_size
+
+    def nll(hidden_lBE, labels_Bl):
+        logits_lBV, _ = gpt.output_layer(hidden_lBE, weight=weight, runtime_gather_output=True)
+        return _token_nll(logits_lBV[..., :V].transpose(0, 1), labels_Bl)
+
+    S = chunk.layout.segment_length
+    first = chunk.start - chunk.start % S  # segment boundaries of the whole sequence
+    cuts = [0] + [b - chunk.start for b in range(first + S, chunk.stop, S) if b > chunk.start] + [ids_BL.shape[1]]
+    return torch.cat([checkpoint(nll, hidden_LBE[a:b], labels_BL[:, a:b]) for a, b in zip(cuts, cuts[1:])], 1)
+
+
+def _token_nll(logits_BLV, labels_BL):
     import torch.nn.functional as F
 
+    return F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100,
+                           reduction="none").view(labels_BL.shape)
+
+
+def _segment_sums(nll_BL, labels_BL, chunk: SequenceChunk):
+    """Summed NLL of the chunk (a tensor) and, per segment of the whole sequence, the NLL sum
+    and labelled-token count of this chunk's part (zero elsewhere)."""
     layout, S = chunk.layout, chunk.layout.segment_length
-    nll_BL = F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100,
-                             reduction="none").view(labels_BL.shape)
     detached = nll_BL.detach()
     labelled = labels_BL != -100
     sums, counts = [0.0] * layout.num_segments, [0] * layout.num_segments
@@ -219,7 +261,11 @@ def chunk_backward(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, l
     a, b = chunk.token_range
     labels = labels_BT[:, a:b]
     denom = max(num_predicted if num_predicted is not None else int((labels != -100).sum()), 1)
-    total, sums, counts = _segment_sums(context_parallel_forward(model, input_ids_BT[:, a:b], chunk), labels, chunk)
+    if recomputes_output_layer(model):
+        nll = _checkpointed_nll(model, input_ids_BT[:, a:b], labels, chunk)
+    else:
+        nll = _token_nll(context_parallel_forward(model, input_ids_BT[:, a:b], chunk), labels)
+    total, sums, counts = _segment_sums(nll, labels, chunk)
     chunk.backward(total.mul(loss_scale / denom))
     return BatchResult(loss=float(total.detach()) / denom, segment_losses=[s / max(c, 1) for s, c in zip(sums, counts)],
                        segment_tokens=counts, tokens=int(labels.numel()), segment_sums=sums)
@@ -231,8 +277,9 @@ def chunk_losses(model, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, lay
     chunk = SequenceChunk.for_this_rank(layout)
     a, b = chunk.token_range
     try:
-        _, sums, counts = _segment_sums(context_parallel_forward(model, input_ids_BT[:, a:b], chunk),
-                                        labels_BT[:, a:b], chunk)
+        labels = labels_BT[:, a:b]
+        _, sums, counts = _segment_sums(_token_nll(context_parallel_forward(model, input_ids_BT[:, a:b], chunk),
+                                                   labels), labels, chunk)
     finally:
         chunk.finish()
     return sums, counts

@@ -124,13 +124,17 @@ def test_rotary_positions_never_exceed_segment_plus_prefix():
     S, M, R = 8, 3, 6
     op = _op((LOCAL, RETRIEVAL, SEGMENT), S, M, R, 4, 1)
     seen = []
-    orig = op.rotary.forward
+    orig, orig_from = op.rotary.forward, op.rotary.rotate_from
 
     def spy(x, positions):
         seen.append(int(positions.max()))
         return orig(x, positions)
 
-    op.rotary.forward = spy
+    def spy_from(x, start):
+        seen.append(start + x.shape[-3] - 1)
+        return orig_from(x, start)
+
+    op.rotary.forward, op.rotary.rotate_from = spy, spy_from
     q, k, v = _qkv(1, 20 * S + 3, 3, 3, 4, seed=2)
     op(q, k, v)
     state = None

@@ -1,7 +1,8 @@
 """Activation recompute keeps the exact L_K gradient: for the sequential engine, context
 parallelism (CP 2) and pipeline stages (PP 2), every recompute mode gives the loss and every
 parameter gradient of the run without recompute, for K = 0, 1 and 2 (one spawn, both
-layouts in turn)."""
+layouts in turn). Under full recompute the chunk path also recomputes the output layer and the
+loss one segment at a time."""
 import pytest
 import torch
 
@@ -42,7 +43,10 @@ def _assert_equal(runs):
         assert loss == pytest.approx(want_loss, rel=1e-6), (mode, k)
         for name, g in want.items():
             assert g.abs().sum() > 0 or k == 0, (mode, k, name)
-            torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-9, msg=f"{mode} K={k} {name}")
+            # atol scaled to the tensor: full recompute sums the output layer's gradient one
+            # segment at a time, which changes the float summation order (measured: 1e-7 of the norm)
+            atol = max(1e-9, 1e-6 * float(g.abs().max()))
+            torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=atol, msg=f"{mode} K={k} {name}")
 
 
 def test_every_recompute_mode_gives_the_sequential_gradient(model_parallel):

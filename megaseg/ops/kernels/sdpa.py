@@ -16,6 +16,9 @@ from megaseg.ops.kernels import SegmentBatch
 
 def attend(batch: SegmentBatch, rotary) -> torch.Tensor:
     """Attention output [B, N, Q, H, D] of ``batch`` (see `SegmentBatch`)."""
+    runs = _equal_prefix_runs(batch.prefix_len)
+    if len(runs) > 1:  # e.g. a chunk that starts the sequence: its first segment has no prefix
+        return torch.cat([attend(_rows(batch, a, b), rotary) for a, b in runs], 1)
     G = batch.k.shape[3]
     hpg = batch.heads_per_group
     classes: dict[tuple[int, ...], list[int]] = {}
@@ -29,6 +32,27 @@ def attend(batch: SegmentBatch, rotary) -> torch.Tensor:
         for i, g in enumerate(groups):
             out[g] = o[:, :, :, i * hpg : (i + 1) * hpg]
     return torch.cat(out, 3)
+
+
+def _equal_prefix_runs(prefix_len_NG: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of consecutive segments with the same prefix lengths: each runs as
+    one call with one shared mask (prefix lengths only grow along a sequence, so a chunk
+    has at most a few runs)."""
+    rows = prefix_len_NG.tolist()
+    runs, start = [], 0
+    for n in range(1, len(rows) + 1):
+        if n == len(rows) or rows[n] != rows[start]:
+            runs.append((start, n))
+            start = n
+    return runs
+
+
+def _rows(batch: SegmentBatch, a: int, b: int) -> SegmentBatch:
+    """Segments [a, b) of ``batch`` (views)."""
+    pre_k = None if batch.prefix_k is None else batch.prefix_k[:, a:b]
+    pre_v = None if batch.prefix_v is None else batch.prefix_v[:, a:b]
+    return SegmentBatch(batch.q[:, a:b], batch.k[:, a:b], batch.v[:, a:b], pre_k, pre_v, batch.prefix_len[a:b],
+                        batch.q_offset)
 
 
 def _attend_groups(batch: SegmentBatch, rotary, groups, pre_len_N):
@@ -67,13 +91,33 @@ def _attend_groups(batch: SegmentBatch, rotary, groups, pre_len_N):
     if P == 0 and q_offset == 0 and Q == K:
         o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=h != g)
     else:
-        qpos = torch.arange(q_offset, q_offset + Q, device=dev)
-        causal_QK = torch.arange(K, device=dev)[None, :] <= qpos[:, None]
-        if P:
-            pre_ok_NP = torch.arange(P, device=dev)[None, :] < pre_len_N[:, None]
-            mask = torch.cat([pre_ok_NP[:, None, :].expand(N, Q, P), causal_QK.expand(N, Q, K)], 2)
-        else:
-            mask = causal_QK.expand(N, Q, K)
-        m = mask.unsqueeze(0).expand(B, N, Q, P + K).reshape(B * N, 1, Q, P + K)
-        o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=m, enable_gqa=h != g)
+        o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=_additive_mask(pre_len_N, B, Q, P, K, q_offset, qf.dtype),
+                                           enable_gqa=h != g)
     return o.transpose(1, 2).reshape(B, N, Q, h, D)
+
+
+def _additive_mask(pre_len_N, B: int, Q: int, P: int, K: int, q_offset: int, dtype) -> torch.Tensor:
+    """The additive mask (0 visible, -inf not) of queries ``q_offset .. q_offset + Q`` over
+    [prefix (P slots, the first pre_len valid) ; K segment keys (causal)], for B x N
+    calls: [1, 1, Q, P + K] when every segment has the same prefix length (`attend` makes
+    every call so), else [B*N, 1, Q, P + K].
+
+    The same values SDPA derives from a boolean mask, built here so that the mask autograd
+    saves for the backward is the one shared [Q, P + K] matrix instead of one per segment
+    (SDPA would save the float conversion of a boolean mask at full size: for a
+    context-parallel chunk of C segments, C x Q x (P + K) elements per call)."""
+    dev = pre_len_N.device
+    N = pre_len_N.numel()
+    qpos = torch.arange(q_offset, q_offset + Q, device=dev)
+    causal_QK = torch.arange(K, device=dev)[None, :] <= qpos[:, None]
+    uniform = N == 1 or bool((pre_len_N == pre_len_N[0]).all())
+    rows = pre_len_N[:1] if uniform else pre_len_N
+    if P:
+        pre_ok_NP = torch.arange(P, device=dev)[None, :] < rows[:, None]
+        ok = torch.cat([pre_ok_NP[:, None, :].expand(rows.numel(), Q, P), causal_QK.expand(rows.numel(), Q, K)], 2)
+    else:
+        ok = causal_QK.expand(rows.numel(), Q, K)
+    mask = torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(~ok, float("-inf")).unsqueeze(1)
+    if uniform:
+        return mask  # [1, 1, Q, P + K], broadcast over the B x N calls
+    return mask.unsqueeze(0).expand(B, N, 1, Q, P + K).reshape(B * N, 1, Q, P + K)
