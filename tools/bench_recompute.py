@@ -5,7 +5,7 @@ One sequence of ``--step-tokens`` tokens (batch 1), TBPTT-1, the model of
 1024, M = R = 128, fp32), with each recompute setting beside no recompute, in one run:
 
 * **peak memory of one step per rank**: the sequential engine on one process, and the
-  context-parallel chunk path at CP = 1 and CP = 2 (one fresh spawn per size). After a
+  context-parallel chunk path at CP = 1 and CP = 2 (one fresh spawn per mode). After a
   warm-up step of a mode, each rank resets its resident-set high-water mark, records its
   RSS and runs one step; the step's peak is ``VmHWM - RSS before``, max over ranks.
   glibc's mmap threshold is fixed (``MALLOC_MMAP_THRESHOLD_=65536``) so freed large blocks
@@ -70,11 +70,18 @@ def _modes(world: int, cfg, T: int, settings):
     return out
 
 
-def _memory_rank(rank, world, port, cfg, T, settings, out_dir):
+def _modes_names(world: int, settings):
+    names = [(f"sequential/{s}", s, None) for s in settings] if world == 1 else []
+    return names + [(f"chunk_cp{world}/{s}", s, None) for s in settings]
+
+
+def _memory_rank(rank, world, port, cfg, T, settings, only, out_dir):
     _init(rank, world, port, world)
     try:
         result = {}
         for name, setting, step in _modes(world, cfg, T, settings):
+            if name != only:
+                continue
             meg = _build(cfg, setting)
             step(meg)  # warm-up: gradient buffers allocated
             meg.zero_grad(set_to_none=False)
@@ -132,8 +139,9 @@ def measure(args) -> dict:
     settings = list(SETTINGS)
     with fixed_mmap_threshold():
         memory = {}
-        for world in (1, 2):
-            memory.update(_spawn(_memory_rank, world, cfg, T, settings))
+        for world in (1, 2):  # one fresh spawn per measured mode: no mode inherits another's heap
+            for name, _, _ in _modes_names(world, settings):
+                memory.update(_spawn(_memory_rank, world, cfg, T, settings, name))
         timing = _spawn(_time_rank, 2, cfg, T, settings, 1 if args.quick else args.repeats)
     rows = {}
     for name, ranks in memory.items():
@@ -143,6 +151,9 @@ def measure(args) -> dict:
     med = {name: statistics.median(v) for name, v in timing["times"].items()}
     med_cpu = {name: statistics.median(v) for name, v in timing["cpu"].items()}
     base = "chunk_cp2/none"
+    for name, row in rows.items():
+        row["model_mib"] = predicted_mib(cfg, T, name)
+        row["model_over_measured"] = row["model_mib"] / max(row["step_peak_mib"], 1e-9)
     ratios = {name: {"peak_over_none": rows[name]["step_peak_mib"]
                      / max(rows[name.split("/")[0] + "/none"]["step_peak_mib"], 1e-9)} for name in rows}
     for name in med:
@@ -152,15 +163,65 @@ def measure(args) -> dict:
             "ratios": ratios, "load_average_1min": os.getloadavg()[0]}
 
 
+def predicted_mib(cfg, T: int, name: str) -> float:
+    """megaseg.training.memory_model's activations + transient for a measured row (the
+    measurement excludes weights and gradients, allocated before the step)."""
+    from megaseg.training.memory_model import TrainingLayout, predict_training_memory
+
+    engine, setting = name.split("/")
+    cp = int(engine[len("chunk_cp"):]) if engine.startswith("chunk") else 1
+    layout = TrainingLayout(seq_length=T, tbptt_k=K, cp=cp, recompute=setting,
+                            step_engine="chunk" if engine.startswith("chunk") else "sequential")
+    est = predict_training_memory(cfg, layout)
+    return (est.activations + est.transient) / 2**20
+
+
+def census(cfg, T: int, setting: str, chunk: bool = True) -> float:
+    """Bytes per token that autograd saves for the backward in one forward of T tokens
+    (unique storages), on the chunk path (one rank) or, with ``chunk=False``, for one
+    segment of the sequential engine after a first one (its carried state)."""
+    from megaseg.megatron.model import segment_forward
+    from megaseg.training import chunk as chunk_path
+    from megaseg.training.tbptt import sum_cross_entropy
+
+    meg = _build(cfg, setting)
+    tokens, labels, _ = _tokens(cfg, T)
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if chunk:
+        piece = chunk_path.TrainingChunk.for_this_rank(ChunkLayout(T, cfg.segment.segment_length, 1), K)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if chunk_path.recomputes_output_layer(meg):
+                nll = chunk_path._checkpointed_nll(meg, tokens, labels, piece)
+            else:
+                nll = chunk_path._token_nll(chunk_path.context_parallel_forward(meg, tokens, piece), labels)
+        piece.backward(nll.sum())
+        return sum(seen.values()) / T
+    S = cfg.segment.segment_length
+    with torch.no_grad():
+        _, states = segment_forward(meg, tokens[:, :S], None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = segment_forward(meg, tokens[:, S : 2 * S], states)
+        sum_cross_entropy(out, labels[:, S : 2 * S])
+    return sum(seen.values()) / S
+
+
 def print_table(result: dict) -> None:
     print(f"\nTBPTT-{result['tbptt_k']}, {result['seq_length']} tokens, batch 1; peak per rank (MiB) of one step")
-    print("| engine | recompute | step peak MiB | / no recompute | CP2 step s | / no recompute (wall, CPU) |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | recompute | step peak MiB | memory model MiB | model / measured | / no recompute | CP2 step s | "
+          "/ no recompute (wall, CPU) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in result["rows"].items():
         r = result["ratios"][name]
         t = result["median_seconds"].get(name)
         timing = (f"{t:.2f} | {r['time_over_none']:.2f}, {r['cpu_over_none']:.2f}" if t is not None else "- | -")
-        print(f"| {row['engine']} | {row['recompute']} | {row['step_peak_mib']:.0f} | {r['peak_over_none']:.2f} | "
+        print(f"| {row['engine']} | {row['recompute']} | {row['step_peak_mib']:.0f} | {row['model_mib']:.0f} | "
+              f"{row['model_over_measured']:.2f} | {r['peak_over_none']:.2f} | "
               f"{timing} |")
 
 
