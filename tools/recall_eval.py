@@ -8,7 +8,8 @@ Every (checkpoint, data, mode) is evaluated with `megaseg.eval.recall.recall_acc
 accuracy of every answer (teacher forced argmax), and for the answers whose needle lies
 beyond the segment and the carried tail, the accuracy there and the share whose needle the
 operator's retrieval actually picked (per retrieval head and for any of them), with the
-correct/wrong x retrieved/not retrieved table. Datasets are ``--output-prefix`` values of
+correct/wrong x retrieved/not retrieved table, and the same for the needle span (a picked
+token of the needle from its value on, which can carry the value). Datasets are ``--output-prefix`` values of
 ``tools/make_recall_data.py``. Modes:
 
 * ``own``: the checkpoint's segment settings and head plan;
@@ -119,12 +120,13 @@ def _fmt(x: float) -> str:
 
 def _line(row: dict) -> str:
     heads = " ".join(f"{h}={_fmt(v)}" for h, v in row["hit_rate_per_head"].items())
-    t = row["table"]
+    t, u = row["table"], row["span_table"]
     return (f"{row['checkpoint']:>10} {row['data']:>6} {row['mode']:>14} | length {row['length']:5d} | accuracy "
             f"{_fmt(row['accuracy'])} ({row['answers']} answers) | beyond tail {row['outside_reach']:4d}: accuracy "
             f"{_fmt(row['accuracy_outside_reach'])} hit rate {_fmt(row['hit_rate'])} {heads} | correct/wrong x "
             f"retrieved/not {t['correct_retrieved']}/{t['correct_not_retrieved']}/{t['wrong_retrieved']}/"
-            f"{t['wrong_not_retrieved']}")
+            f"{t['wrong_not_retrieved']} | span hit rate {_fmt(row['span_hit_rate'])}: "
+            f"{u['correct_retrieved']}/{u['correct_not_retrieved']}/{u['wrong_retrieved']}/{u['wrong_not_retrieved']}")
 
 
 def _jsonable(x):

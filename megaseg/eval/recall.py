@@ -12,7 +12,12 @@ document:
   no retrieval is needed;
 * **retrieved**, per retrieval (layer, KV group) and for any of them: every value token of
   the needle is among the tokens the operator's top-R picked for that segment, read from
-  the operator's own retrieval indices (`megaseg.ops.stats.recording(keep_picks=True)`).
+  the operator's own retrieval indices (`megaseg.ops.stats.recording(keep_picks=True)`);
+* **span retrieved**: at least one token of the needle from its first value token on was
+  picked. A retrieval head reads a picked token's key and value at its layer, and below
+  that layer every token has already attended to the tokens before it, so a picked token
+  after the value can carry the value (in a 2-layer model, layer 0 writes it into the
+  following tokens). Tokens before the value cannot.
 
 So a failure reads as "never retrieved" (selection) or "retrieved but not used" (the
 attention over the prefix), and a success outside the local reach shows which head carried it.
@@ -36,6 +41,7 @@ class Answer:
     start: int  # answer tokens [start, end) of the document
     end: int
     needle: list[int]  # token positions of the needle's value tokens (what the answer copies)
+    span: tuple[int, int] | None = None  # [first value token, end of the needle text): may carry the value
 
 
 @dataclass
@@ -67,11 +73,14 @@ def answers_of(record: dict) -> list[Answer]:
                 out.append(Answer(span["start"], span["end"], list(range(value["start"], value["end"]))))
         return out
     values = [f for f in fields if f.get("name") == "value"]
+    ends = {id(f): n["end"] for n in record.get("needles") or [] if n.get("role") == "target"
+            for f in n.get("fields") or []}
     for span in spans:
         text = span["text"].strip().rstrip(".")
         match = [f for f in values if f["text"].strip().rstrip(".") == text]
         if match:
-            out.append(Answer(span["start"], span["end"], list(range(match[-1]["start"], match[-1]["end"]))))
+            out.append(Answer(span["start"], span["end"], list(range(match[-1]["start"], match[-1]["end"])),
+                              (match[0]["start"], ends.get(id(match[0]), match[0]["end"]))))
     return out
 
 
@@ -113,6 +122,8 @@ class RecallResult:
     hit_rate_per_head: dict[str, float] = field(default_factory=dict)
     # answers outside reach: correct/wrong x retrieved/not retrieved
     table: dict[str, int] = field(default_factory=dict)
+    span_hit_rate: float = float("nan")  # of answers outside reach: a token of the needle span retrieved
+    span_table: dict[str, int] = field(default_factory=dict)  # correct/wrong x span retrieved/not
 
 
 def _picked(rec: stats.SegmentStats, batch_row: int = 0) -> dict[tuple[int, int], dict[int, set[int]]]:
@@ -131,9 +142,10 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
     equal to prefill and decode by the consistency invariant)."""
     if not documents:
         raise ConfigError("no recall documents to evaluate")
-    correct = total = outside = outside_correct = hits = 0
+    correct = total = outside = outside_correct = hits = span_hits = 0
     per_head: dict[str, int] = defaultdict(int)
     table = {"correct_retrieved": 0, "correct_not_retrieved": 0, "wrong_retrieved": 0, "wrong_not_retrieved": 0}
+    span_table = dict.fromkeys(table, 0)
     length = max(len(d.ids) for d in documents)
     with installed(model, mode) as model:
         cfg = model.config
@@ -160,18 +172,24 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
                     continue
                 outside += 1
                 outside_correct += ok
-                got = False
+                got = span_got = False
                 for (layer, group), by_segment in picks.items():
                     chosen = by_segment.get(producing, set())
                     if all(p in chosen for p in ans.needle):
                         per_head[f"layer{layer}_group{group}"] += 1
                         got = True
+                    if ans.span is not None and any(p in chosen for p in range(*ans.span)):
+                        span_got = True
+                span_got = span_got or got
                 hits += got
+                span_hits += span_got
                 table[f"{'correct' if ok else 'wrong'}_{'retrieved' if got else 'not_retrieved'}"] += 1
+                span_table[f"{'correct' if ok else 'wrong'}_{'retrieved' if span_got else 'not_retrieved'}"] += 1
     heads = sorted({f"layer{l}_group{g}" for l, row in enumerate(plan.modes)
                     for g, m in enumerate(row) if m == "retrieval"}) if mode.kind == "megaseg" else []
     return RecallResult(
         mode=mode.name, length=length, documents=len(documents), answers=total, accuracy=correct / max(total, 1),
         outside_reach=outside, accuracy_outside_reach=outside_correct / outside if outside else float("nan"),
         hit_rate=hits / outside if outside else float("nan"),
-        hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table)
+        hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table,
+        span_hit_rate=span_hits / outside if outside else float("nan"), span_table=span_table)

@@ -55,6 +55,17 @@ def test_hit_rate_is_read_from_the_operators_picks(sign, expected):
     assert result.table[("correct" if result.accuracy else "wrong") + ("_retrieved" if expected else "_not_retrieved")] == 1
 
 
+@pytest.mark.parametrize("sign, span, expected", [(1.0, (2, 5), 1.0), (1.0, (5, 8), 0.0), (-1.0, (2, 5), 0.0)])
+def test_span_hit_rate_counts_a_picked_token_from_the_value_on(sign, span, expected):
+    """The value (position 2) is never picked; the span counts when a token after it is."""
+    model = _planted_model(sign)
+    doc = _document()
+    doc.answers = [Answer(33, 34, [2], span)]
+    result = recall_accuracy(model, InferenceMode("megaseg"), [doc])
+    assert result.hit_rate == 0.0 and result.span_hit_rate == expected
+    assert sum(result.span_table.values()) == 1
+
+
 def test_an_answer_within_the_tail_needs_no_retrieval():
     model = _planted_model(1.0)
     doc = _document()
@@ -81,6 +92,9 @@ def test_recall_documents_tie_every_answer_to_its_needle(small_data, tmp_path):
             # the answer copies the needle's value tokens
             assert [doc.ids[p] for p in ans.needle] == doc.ids[ans.start : ans.end][: len(ans.needle)]
             assert max(ans.needle) < ans.start
+            if doc.task != "mqar":  # the span starts at the value's first occurrence, inside its needle
+                assert ans.span[0] <= min(ans.needle) and ans.span[1] > ans.span[0]
+                assert doc.ids[ans.span[0]] == doc.ids[ans.needle[0]]
 
 
 def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
