@@ -1,11 +1,11 @@
 """Run an evaluation from a YAML file; write JSON results and PNG plots.
 
-    python tools/evaluate.py examples/eval/alignment.yaml      # the alignment experiment
     python tools/evaluate.py examples/eval/checkpoint.yaml     # modes x tasks x lengths of checkpoints
     python tools/evaluate.py CONFIG.yaml --replot              # plots again from the written JSON
 
-A file with an ``experiment:`` mapping trains and evaluates the small alignment experiment
-(``megaseg.eval.experiment.ExperimentConfig`` fields). Otherwise it evaluates checkpoints:
+It evaluates checkpoints and trains nothing: training, the alignment experiment's arms
+included, runs through pretrain/pretrain_gpt.py (the recipe: examples/recall/run.sh), and a
+file with a top-level ``experiment:`` key stops with one line saying so. The file:
 
     checkpoints: {name: path}         # any checkpoint: pretraining save/iter_* directory, megaseg
                                       # model directory, megaseg HF export, plain HF Llama/Qwen2/Mistral
@@ -28,14 +28,13 @@ reference model; a plain HF directory has no segment settings and runs as one se
 its max context (full attention) unless a mode gives ``segment``/``head_plan``.
 
 Bad input (unknown task, a length a mode or task cannot run, an empty or too-small corpus,
-a checkpoint without a tokenizer) stops with one line and exit code 2.
+a checkpoint without a tokenizer, an ``experiment:`` key) stops with one line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,18 +73,8 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def run_experiment(cfg_dict: dict, output: Path, replot: bool) -> dict:
-    from megaseg.eval.experiment import ExperimentConfig, run
-
-    exp = dict(cfg_dict)
-    cfg = ExperimentConfig.from_dict(exp)
-    path = Path(cfg.output_dir) / "alignment.json"
-    if replot:
-        return json.loads(path.read_text())
-    t0 = time.time()
-    result = run(cfg, log=lambda m: print(f"[{time.time() - t0:7.0f} s] {m}", file=sys.stderr, flush=True),
-                 progress=progress_bar("evaluating"))
-    return result
+EXPERIMENT_REMOVED = ("`experiment:` (training inside this tool) was removed; training experiments run through "
+                      "pretrain/pretrain_gpt.py, the alignment experiment is examples/recall/run.sh")
 
 
 def run_checkpoints(cfg: dict, output: Path, replot: bool) -> dict:
@@ -154,18 +143,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = _read_yaml(args.config)
-        output = Path(args.output or cfg.get("output") or "runs/eval")
         if "experiment" in cfg:
-            # Checkpoints and the running JSON go to experiment.output_dir; the final JSON
-            # and the plots to `output`.
-            result = run_experiment(dict(cfg["experiment"] or {}), output, args.replot)
-            output.mkdir(parents=True, exist_ok=True)
-            (output / "alignment.json").write_text(json.dumps(result, indent=1) + "\n")
-            from megaseg.eval.report import alignment_markdown
-
-            (output / "alignment.md").write_text(alignment_markdown(result))
-        else:
-            result = run_checkpoints(cfg, output, args.replot)
+            raise ConfigError(f"config {args.config!r} is invalid: {EXPERIMENT_REMOVED}")
+        output = Path(args.output or cfg.get("output") or "runs/eval")
+        result = run_checkpoints(cfg, output, args.replot)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,13 +154,10 @@ def main(argv=None) -> int:
 
     if not report.plots_available():
         print("plots skipped: matplotlib is not installed (pip install -e '.[eval]')", file=sys.stderr)
-    elif "alignment" in result:
-        for p in report.plot_alignment(result, output):
-            print(f"wrote {p}")
     else:
         p = report.plot_modes(result["rows"], output / "results.png", "task accuracy vs context length", with_model=True)
         print(f"wrote {p}")
-    print(f"wrote {output / ('alignment.json' if 'alignment' in result else 'results.json')}")
+    print(f"wrote {output / 'results.json'}")
     return 0
 
 

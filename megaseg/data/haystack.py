@@ -2,8 +2,9 @@
 and the templates of the needles and questions planted in it.
 
 One module for both users, below them: the evaluation task generators
-(`megaseg.eval.tasks`) and the recall training data (`megaseg.data.recall`, also the
-alignment experiment's) use the same templates, so training data and evaluation agree.
+(`megaseg.eval.tasks`) and the recall training data (`megaseg.data.recall`, which the
+alignment experiment `examples/recall/run.sh` trains on) use the same templates, so
+training data and evaluation agree.
 No download: the default corpus is the embedded stdlib corpus (`megaseg.data.corpus`).
 """
 from __future__ import annotations

@@ -25,8 +25,9 @@ BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, BOS 256, EOS 257 (vocabulary 258).
 
-    Used by the small alignment experiment: it needs no training and encodes any text the
-    same way in every piece, so needles and haystack lines concatenate exactly.
+    For small test models (a checkpoint directory with byte_tokenizer.json): it needs no
+    training and encodes any text the same way in every piece, so needles and haystack lines
+    concatenate exactly.
     """
 
     bos_id, eos_id, vocab_size = 256, 257, 258

@@ -12,7 +12,7 @@ predicted answer text.
 
 Templates are kept short so that small byte-level models can run them at a few hundred
 tokens; they and the haystack live in ``megaseg.data.haystack``, where the recall training
-data (``megaseg.data.recall``, the alignment experiment's too) takes the same ones.
+data (``megaseg.data.recall``) takes the same ones.
 """
 from __future__ import annotations
 

@@ -91,6 +91,19 @@ def test_evaluate_bad_input_one_line_exit_2(ckpt, tmp_path, capsys, change, mess
     assert rc == 2 and message in err and "\n" not in err and err.startswith("error: ")
 
 
+@pytest.mark.parametrize("experiment", [{"steps": 10, "variants": ["full", "tbptt1"]}, None])
+def test_evaluate_experiment_key_points_to_pretraining_one_line_exit_2(ckpt, tmp_path, capsys, experiment):
+    """The in-process training experiment is gone: a file that still asks for it, with or
+    without checkpoints beside it, stops before any work and says where training runs."""
+    for cfg in ({"output": str(tmp_path / "out"), "experiment": experiment},
+                _base(ckpt, tmp_path, experiment=experiment)):
+        rc = _tool("evaluate").main([_write(tmp_path, cfg)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and err.startswith("error: "), err
+        assert "pretrain/pretrain_gpt.py" in err and "examples/recall/run.sh" in err and "experiment" in err
+        assert not (tmp_path / "out").exists()
+
+
 def test_select_heads_writes_a_plan_the_converter_reads(ckpt, tmp_path, capsys):
     out = tmp_path / "plan.json"
     rc = _tool("select_heads").main([str(ckpt / "with_tok"), "--budget", "2", "--output", str(out), "--corpus",
