@@ -16,6 +16,8 @@ token of the needle from its value on, which can carry the value). Datasets are 
 * ``no_retrieval``: the same with every retrieval group local and R = 0;
 * ``full``: full causal attention over the whole document;
 * ``streaming=SINKS:WINDOW``: StreamingLLM (attention sinks + a sliding window);
+* ``duo=SINKS:WINDOW``: DuoAttention-style: the checkpoint's retrieval (layer, KV group)s
+  keep full attention over the whole document, every other group sinks + a window;
 * ``NAME=S:M:R:LAYERS:HEADS``: megaseg with S, M, R and the `interleaved` plan of
   HEADS long-range KV groups in LAYERS (comma-separated; R = 0 gives an all-local plan).
 """
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, type=lambda t: _named(t, "data"),
                    help="NAME=PREFIX of a make_recall_data.py dataset (repeatable)")
     p.add_argument("--mode", action="append", default=None,
-                   help="own | no_retrieval | full | streaming=SINKS:WINDOW | NAME=S:M:R:LAYERS:HEADS (repeatable; "
+                   help="own | no_retrieval | full | streaming=SINKS:WINDOW | duo=SINKS:WINDOW | "
+                        "NAME=S:M:R:LAYERS:HEADS (repeatable; "
                         "default: own)")
     p.add_argument("--documents", type=int, default=40, help="documents per dataset (default 40)")
     p.add_argument("--json", default=None, help="write every result here")
@@ -66,11 +69,14 @@ def parse_mode(text: str, model_config):
     if text in ("own", "no_retrieval", "full"):
         return InferenceMode(text, kind={"own": "megaseg"}.get(text, text))
     name, _, spec = text.partition("=")
-    if name == "streaming":
+    if name in ("streaming", "duo"):
         try:
             sinks, window = (int(x) for x in spec.split(":"))
         except ValueError:
-            raise ConfigError(f"mode {text!r} is invalid: expected streaming=SINKS:WINDOW") from None
+            raise ConfigError(f"mode {text!r} is invalid: expected {name}=SINKS:WINDOW") from None
+        if name == "duo":  # the checkpoint's retrieval groups keep full attention, the rest a window
+            return InferenceMode(f"duo{window}", kind="duo", sinks=sinks, window=window,
+                                 full_heads=model_config.head_plan)
         return InferenceMode(f"streaming{window}", kind="streaming", sinks=sinks, window=window)
     try:
         S, M, R, layers, heads = spec.split(":")

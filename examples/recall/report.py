@@ -20,7 +20,8 @@ def tables(rows: list[dict]) -> str:
     by_arm = defaultdict(dict)
     for r in rows:
         by_arm[(r["checkpoint"], r["mode"])][r["data"]] = r
-    out = ["accuracy (all answers) / accuracy beyond the segment and tail / retrieval hit rate there, per eval set", "",
+    out = ["accuracy (all answers) / accuracy beyond the segment and tail / retrieval hit rate there (value token; "
+           "needle span from the value on), per eval set", "",
            "| checkpoint | mode | " + " | ".join(f"{s} ({rows[[r['data'] for r in rows].index(s)]['length']} tok)"
                                                for s in sets) + " |",
            "|---|---|" + "---|" * len(sets)]
@@ -29,7 +30,8 @@ def tables(rows: list[dict]) -> str:
         for s in sets:
             r = cells.get(s)
             parts.append("" if r is None else
-                         f"{_fmt(r['accuracy'])} / {_fmt(r['accuracy_outside_reach'])} / {_fmt(r['hit_rate'])}")
+                         f"{_fmt(r['accuracy'])} / {_fmt(r['accuracy_outside_reach'])} / {_fmt(r['hit_rate'])}; "
+                         f"{_fmt(r.get('span_hit_rate'))}")
         out.append(f"| {ckpt} | {mode} | " + " | ".join(parts) + " |")
     return "\n".join(out)
 
@@ -52,10 +54,12 @@ def plot(rows: list[dict], path: str) -> None:
         style = dict(color=colors[i % len(colors)], marker="o", ls="-" if ckpt != "full" else "--",
                      lw=2.5 if mode == "own" else 1.2, label=f"{ckpt} / {mode}")
         axes[0].plot(xs, [r["accuracy"] for r in rs], **style)
-        hits = [(r["length"], r["hit_rate"]) for r in rs if r["hit_rate"] is not None and r["hit_rate"] == r["hit_rate"]]
+        hits = [(r["length"], r.get("span_hit_rate")) for r in rs
+                if r.get("span_hit_rate") is not None and r["span_hit_rate"] == r["span_hit_rate"]]
         if hits:
             axes[1].plot(*zip(*hits), **style)
-    for ax, title in zip(axes, ("pass-key accuracy", "retrieval hit rate (needle beyond segment + tail)")):
+    for ax, title in zip(axes, ("pass-key accuracy", "retrieval hit rate: a needle token from the value on picked "
+                                                    "(needle beyond segment + tail)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document length (tokens)")
         ax.set_ylim(-0.05, 1.05)

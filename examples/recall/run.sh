@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's regime at mini scale, through the real CLI (docs/recall.md):
+# The paper's regime at mini scale, through the real CLI (docs/benchmarks/recall.md):
 #   (a) a small model pretrained with full attention on documents with a pass key in them,
 #       the loss on the answers only (--loss-mask-data-path), until it recalls at its length;
 #   (b) long-range heads calibrated on it (tools/select_heads.py);

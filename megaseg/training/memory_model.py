@@ -32,7 +32,8 @@ What is alive at the peak depends on the engine:
 * ``sequential`` (TBPTT-K, one rank per sequence): K + 1 segment graphs (K retained for the
   pushes, the current one), each S x micro-batch tokens; with full recompute their layer
   inputs, plus one recomputed layer of one segment. The retrieval pools grow with the
-  sequence: two generations of T tokens' retrieval-group keys and values.
+  sequence: T tokens' retrieval-group keys and values, twice with recompute (the retained
+  segment's checkpointed functions hold the previous generation).
 * ``chunk`` (context parallelism; also ``tbptt_k = -1``): the graph of the rank's whole
   chunk, T / CP tokens; with full recompute the layer inputs of the chunk plus one
   recomputed layer over the chunk.
@@ -205,11 +206,13 @@ def _graph_bytes(cfg, layout, layers: range, tokens: int, runs: int, with_loss: 
 
 def _pool_bytes(cfg: ModelConfig, layout: TrainingLayout, layers: range) -> int:
     """The sequential engine's retrieval pools (detached keys and values of every closed
-    token, retrieval groups only) near the end of the sequence: two generations, the
-    carried state's and the one the current segment appends to."""
+    token, retrieval groups only) near the end of the sequence: the current one, and with
+    recompute also the previous generation, which the retained segment's checkpointed
+    functions hold through their inputs (the state they re-run from)."""
     b = 2 if layout.bf16 else 4
     groups = sum(cfg.head_plan.layer(i).count(RETRIEVAL) for i in layers)
-    return 2 * layout.seq_length * layout.micro_batch_size * groups * 2 * cfg.head_dim * b // layout.tp
+    generations = 1 if layout.recompute == "none" else 2
+    return generations * layout.seq_length * layout.micro_batch_size * groups * 2 * cfg.head_dim * b // layout.tp
 
 
 def predict_training_memory(cfg: ModelConfig, layout: TrainingLayout) -> TrainingMemoryEstimate:
