@@ -19,7 +19,10 @@ token of the needle from its value on, which can carry the value). Datasets are 
 * ``duo=SINKS:WINDOW``: DuoAttention-style: the checkpoint's retrieval (layer, KV group)s
   keep full attention over the whole document, every other group sinks + a window;
 * ``NAME=S:M:R:LAYERS:HEADS``: megaseg with S, M, R and the `interleaved` plan of
-  HEADS long-range KV groups in LAYERS (comma-separated; R = 0 gives an all-local plan).
+  HEADS long-range KV groups in LAYERS (comma-separated; R = 0 gives an all-local plan);
+* ``NAME=S:M:R:@PLAN_FILE``: megaseg with S, M, R and a head plan file (e.g. the plan
+  `tools/select_heads.py` wrote): a full-attention model run segmented exactly as its
+  continued-pretrained successor (the misaligned arm).
 """
 from __future__ import annotations
 
@@ -78,13 +81,26 @@ def parse_mode(text: str, model_config):
             return InferenceMode(f"duo{window}", kind="duo", sinks=sinks, window=window,
                                  full_heads=model_config.head_plan)
         return InferenceMode(f"streaming{window}", kind="streaming", sinks=sinks, window=window)
+    fields = spec.split(":")
+    if len(fields) == 4 and fields[3].startswith("@"):  # NAME=S:M:R:@PLAN_FILE
+        from megaseg.segment_options import read_plan_file
+
+        try:
+            S, M, R = (int(x) for x in fields[:3])
+        except ValueError:
+            raise ConfigError(f"mode {text!r} is invalid: expected NAME=S:M:R:@PLAN_FILE") from None
+        plan = read_plan_file(fields[3][1:], what=f"mode {name}")
+        if len(plan.modes) != model_config.num_layers or len(plan.modes[0]) != model_config.num_kv_heads:
+            raise ConfigError(f"mode {text!r} is invalid: the plan has {len(plan.modes)} layers x {len(plan.modes[0])} "
+                              f"KV groups, the model {model_config.num_layers} x {model_config.num_kv_heads}")
+        return InferenceMode(name, segment=SegmentConfig(S, M, R, 1), head_plan=plan)
     try:
-        S, M, R, layers, heads = spec.split(":")
+        S, M, R, layers, heads = fields
         S, M, R, heads = int(S), int(M), int(R), int(heads)
         layers = [int(x) for x in layers.split(",") if x]
     except ValueError:
-        raise ConfigError(f"mode {text!r} is invalid: expected own, no_retrieval, full, streaming=SINKS:WINDOW or "
-                          "NAME=S:M:R:LAYERS:HEADS") from None
+        raise ConfigError(f"mode {text!r} is invalid: expected own, no_retrieval, full, streaming=SINKS:WINDOW, "
+                          "duo=SINKS:WINDOW, NAME=S:M:R:LAYERS:HEADS or NAME=S:M:R:@PLAN_FILE") from None
     L, G = model_config.num_layers, model_config.num_kv_heads
     plan = HeadPlan.interleaved(L, G, layers, heads) if R else HeadPlan.all_local(L, G)
     return InferenceMode(name, segment=SegmentConfig(S, M, R, 1), head_plan=plan)

@@ -114,11 +114,14 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
                                   "--min-gap-segments", "2", "--max-gap-segments", "2", "--mqar-pairs", "4",
                                   "--mqar-queries", "4", "--seed", "1"]) == 0
     out = tmp_path / "rows.json"
-    modes = ["own", "no_retrieval", "full", "streaming=4:32", "small=32:8:8:1:1", "duo=4:32"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([["local", "local"], ["retrieval", "local"]]))
+    modes = ["own", "no_retrieval", "full", "streaming=4:32", "small=32:8:8:1:1", "duo=4:32", f"planned=32:8:8:@{plan}"]
     argv = ["--checkpoint", f"m={tmp_path / 'model'}", "--data", f"1x={prefix}", "--json", str(out)]
     assert recall_eval.main(argv + [x for m in modes for x in ("--mode", m)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["own", "no_retrieval", "full", "streaming32", "small", "duo32"]
+    assert [r["mode"] for r in rows] == ["own", "no_retrieval", "full", "streaming32", "small", "duo32", "planned"]
+    assert set(rows[6]["hit_rate_per_head"]) == {"layer1_group0"}  # the plan file's retrieval group
     own = rows[0]
     assert own["answers"] == 16 and own["outside_reach"] == 16  # gap 2 > the 16-token tail
     assert set(own["hit_rate_per_head"]) == {"layer1_group0"} and 0.0 <= own["hit_rate"] <= 1.0
@@ -128,3 +131,5 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
         recall_eval.main(argv[:2])
     assert info.value.code == 2
     assert recall_eval.main(argv + ["--mode", "bad=1:2"]) == 2
+    plan.write_text(json.dumps([["local", "retrieval"]]))  # one layer for a 2-layer model
+    assert recall_eval.main(argv + ["--mode", f"bad=32:8:8:@{plan}"]) == 2
