@@ -1,7 +1,7 @@
 """Tables and plots of a recall_eval.py JSON (examples/recall/run.sh writes one):
 accuracy and retrieval hit rate per (checkpoint, mode) and evaluation set.
 
-    python examples/recall/report.py runs/recall/recall.json --plot docs/benchmarks/recall.png
+    python examples/recall/report.py runs/recall/recall*.json --plot docs/benchmarks/recall.png
 """
 from __future__ import annotations
 
@@ -71,10 +71,10 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="recall_eval.py JSON files (their rows are joined)")
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
-    rows = json.load(open(args.json))
+    rows = [row for path in args.json for row in json.load(open(path))]
     print(tables(rows))
     if args.plot:
         plot(rows, args.plot)

@@ -6,9 +6,12 @@
 #   (c) continued pretraining with segmented execution, TBPTT-1, from (a) through
 #       --pretrained-checkpoint, at 4 segments;
 #   (d) recall accuracy and retrieval hit rate at 1x .. 16x (c)'s training length, for the
-#       aligned model and the arms on the same weights (tools/recall_eval.py).
+#       aligned model and the arms on the same weights (tools/recall_eval.py), including the
+#       misaligned arm: (a) run with (c)'s segment settings and head plan;
+#   ARMS=1: also the training arms K = 0 (--tbptt-k 0) and M = 0 (--tail-length 0), each
+#       trained like (c) for ITERS_ARMS steps, and evaluated the same way.
 #
-#   examples/recall/run.sh                  # RUN=runs/recall, about 45 min on 2 CPU cores
+#   examples/recall/run.sh                  # RUN=runs/recall, about 55 min on 2 CPU cores (ARMS=1: + 2 x ITERS_ARMS steps)
 #   QUICK=1 examples/recall/run.sh          # tiny sizes: checks the recipe end to end in a few minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,10 +25,13 @@ DIGITS="${DIGITS:-0}"              # 0: the pass key is one token (a word); N: N
 S0="${S0:-256}"                    # (a): full attention over S0 tokens
 S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retrieved prefix
 T="${T:-512}"                      # (c): training length, 4 segments
-ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-300}"; DOCS="${DOCS:-6000}"; EVAL_DOCS="${EVAL_DOCS:-40}"
+ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_ARMS="${ITERS_ARMS:-$ITERS_C}"
+DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-40}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
+SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
 if [[ -n "${QUICK:-}" ]]; then
-  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; DOCS=200; EVAL_DOCS=4; LENGTHS="256 512"; WARMUP=1
+  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; ITERS_ARMS=2; DOCS_A=200; DOCS=200; EVAL_DOCS=4
+  LENGTHS="256 512"; SHORT="256"; WARMUP=1
 fi
 [[ -f "$TOK" ]] || python tools/prepare_default_data.py
 mkdir -p "$RUN"
@@ -36,7 +42,7 @@ COMMON=(--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters "$WARMUP" --micro-batch-size 3
         --eval-iters 0 --split 100,0,0 --log-interval 25 --exit-signal-handler --long-range-layers 1)
 
 echo "== (a) full attention over $S0 tokens, loss on the answers"
-python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/a" --documents "$DOCS" --length "$S0" \
+python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/a" --documents "$DOCS_A" --length "$S0" \
   --segment-length $((S0 / 4)) --min-gap-segments 1 --max-gap-segments 2 --loss-mask --seed 1
 python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a_text_document" \
   --loss-mask-data-path "$RUN/a_loss_mask_document" --tokenizer-model "$TOK" \
@@ -50,10 +56,20 @@ python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --
 echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
 python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
   --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 2
-python pretrain/pretrain_gpt.py "${COMMON[@]}" --pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document" \
-  --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S" --tail-length "$M" \
-  --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --tbptt-k 1 --lr 1e-3 \
+SEGMENTED=(--pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document"
+           --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S"
+           --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --lr 1e-3 --min-lr 1e-4)
+python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
   --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
+CKPTS=(--checkpoint aligned="$RUN/aligned")
+if [[ -n "${ARMS:-}" ]]; then
+  echo "== arms: K = 0 and M = 0, trained like (c) for $ITERS_ARMS steps"
+  python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 0 \
+    --train-iters "$ITERS_ARMS" --save "$RUN/k0" --save-interval "$ITERS_ARMS"
+  python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length 0 --tbptt-k 1 \
+    --train-iters "$ITERS_ARMS" --save "$RUN/m0" --save-interval "$ITERS_ARMS"
+  CKPTS+=(--checkpoint k0="$RUN/k0" --checkpoint m0="$RUN/m0")
+fi
 
 echo "== (d) recall at 1x .. 16x the training length: new documents (pass keys of the training split), and"
 echo "   held-out pass keys at 1x (one-token values the untied output layer was never trained to emit)"
@@ -66,7 +82,14 @@ done
 python tools/make_recall_data.py "${DATA[@]}" --corpus "$EVAL_CORPUS" --output-prefix "$RUN/heldout_$T" --split eval --documents "$EVAL_DOCS" \
   --length "$T" --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --seed 4
 EVAL+=(--data "heldout${T}=$RUN/heldout_$T")
-python tools/recall_eval.py --checkpoint aligned="$RUN/aligned" --checkpoint full="$RUN/full" "${EVAL[@]}" \
-  --mode own --mode no_retrieval --mode full --mode "streaming=4:$((S + M))" \
-  --mode "segmented=$S:$M:$R:1:1" --documents "$EVAL_DOCS" --json "$RUN/recall.json"
-echo "wrote $RUN/recall.json"
+SHORT_EVAL=()
+for L in $SHORT; do SHORT_EVAL+=(--data "${L}=$RUN/eval_$L"); done
+python tools/recall_eval.py "${CKPTS[@]}" --checkpoint full="$RUN/full" "${EVAL[@]}" \
+  --mode own --mode no_retrieval --mode full --mode "interleaved=$S:$M:$R:1:1" --documents "$EVAL_DOCS" \
+  --json "$RUN/recall.json"
+python tools/recall_eval.py --checkpoint full="$RUN/full" "${EVAL[@]}" --mode "misaligned=$S:$M:$R:@$RUN/plan.json" \
+  --documents "$EVAL_DOCS" --json "$RUN/recall_misaligned.json"
+python tools/recall_eval.py --checkpoint aligned="$RUN/aligned" --checkpoint full="$RUN/full" "${SHORT_EVAL[@]}" \
+  --mode "streaming=4:$((S + M))" --mode "duo=4:$((S + M))" --documents "$EVAL_DOCS" --json "$RUN/recall_baselines.json"
+echo "wrote $RUN/recall.json, $RUN/recall_misaligned.json, $RUN/recall_baselines.json"
+echo "table and plot: python examples/recall/report.py $RUN/recall.json $RUN/recall_misaligned.json $RUN/recall_baselines.json"
