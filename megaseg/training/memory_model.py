@@ -40,9 +40,9 @@ What is alive at the peak depends on the engine:
 
 The transient on top (the backward's gradients of activations, the logits and their
 gradient) is modelled as ``TRANSIENT_LOGITS`` x the tokens' logits at the start of the
-backward, or, when a layer is recomputed, ``TRANSIENT_LAYER`` x that layer's saved set.
-Both constants come from the measured CPU points in `docs/benchmarks/recompute.json`;
-the benchmark prints the model beside every measured point. Pipeline stages hold
+backward (the logits, their copy and their gradient), or, when a layer is recomputed,
+``TRANSIENT_LAYER`` x that layer's saved set (its gradients). `tools/bench_recompute.py`
+prints the model beside every measured point (`docs/benchmarks/recompute.json`). Pipeline stages hold
 L / PP layers and, as megatron's 1F1B schedule does, the first stage keeps min(PP,
 micro-batches) micro-batches in flight; that part and TP's division of the F, H and G
 terms are taken from megatron's layer layout and are not measured here.
