@@ -18,8 +18,9 @@ token of the needle from its value on, which can carry the value). Datasets are 
 * ``streaming=SINKS:WINDOW``: StreamingLLM (attention sinks + a sliding window);
 * ``duo=SINKS:WINDOW``: DuoAttention-style: the checkpoint's retrieval (layer, KV group)s
   keep full attention over the whole document, every other group sinks + a window;
-* ``NAME=S:M:R:LAYERS:HEADS``: megaseg with S, M, R and the `interleaved` plan of
-  HEADS long-range KV groups in LAYERS (comma-separated; R = 0 gives an all-local plan);
+* ``NAME=S:M:R:LAYERS:HEADS[:PRESET]``: megaseg with S, M, R and the `interleaved` (default)
+  or `contiguous` plan of HEADS long-range KV groups in LAYERS (comma-separated; R = 0 gives
+  an all-local plan); ``NAME=S:M:R:LAYERS:G+G:prior``: the `prior` plan, these KV groups;
 * ``NAME=S:M:R:@PLAN_FILE``: megaseg with S, M, R and a head plan file (e.g. the plan
   `tools/select_heads.py` wrote): a full-attention model run segmented exactly as its
   continued-pretrained successor (the misaligned arm).
@@ -59,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME=PREFIX of a make_recall_data.py dataset (repeatable)")
     p.add_argument("--mode", action="append", default=None,
                    help="own | no_retrieval | full | streaming=SINKS:WINDOW | duo=SINKS:WINDOW | "
-                        "NAME=S:M:R:LAYERS:HEADS (repeatable; "
-                        "default: own)")
+                        "NAME=S:M:R:LAYERS:HEADS[:interleaved|contiguous] | NAME=S:M:R:LAYERS:G+G:prior | "
+                        "NAME=S:M:R:@PLAN_FILE (repeatable; default: own)")
     p.add_argument("--documents", type=int, default=40, help="documents per dataset (default 40)")
     p.add_argument("--json", default=None, help="write every result here")
     return p
@@ -94,16 +95,32 @@ def parse_mode(text: str, model_config):
             raise ConfigError(f"mode {text!r} is invalid: the plan has {len(plan.modes)} layers x {len(plan.modes[0])} "
                               f"KV groups, the model {model_config.num_layers} x {model_config.num_kv_heads}")
         return InferenceMode(name, segment=SegmentConfig(S, M, R, 1), head_plan=plan)
+    L, G = model_config.num_layers, model_config.num_kv_heads
     try:
-        S, M, R, layers, heads = fields
-        S, M, R, heads = int(S), int(M), int(R), int(heads)
+        S, M, R, layers, heads, *preset = fields
+        S, M, R = int(S), int(M), int(R)
         layers = [int(x) for x in layers.split(",") if x]
+        preset = preset[0] if preset else "interleaved"
+        if len(fields) > 6 or preset not in PRESETS:
+            raise ValueError
+        if preset == "prior":  # HEADS: the KV groups themselves, '+'-separated
+            groups = [int(x) for x in heads.split("+") if x]
+        else:
+            heads = int(heads)
     except ValueError:
         raise ConfigError(f"mode {text!r} is invalid: expected own, no_retrieval, full, streaming=SINKS:WINDOW, "
-                          "duo=SINKS:WINDOW, NAME=S:M:R:LAYERS:HEADS or NAME=S:M:R:@PLAN_FILE") from None
-    L, G = model_config.num_layers, model_config.num_kv_heads
-    plan = HeadPlan.interleaved(L, G, layers, heads) if R else HeadPlan.all_local(L, G)
+                          "duo=SINKS:WINDOW, NAME=S:M:R:LAYERS:HEADS[:interleaved|contiguous], "
+                          "NAME=S:M:R:LAYERS:G+G..:prior or NAME=S:M:R:@PLAN_FILE") from None
+    if not R:
+        plan = HeadPlan.all_local(L, G)
+    elif preset == "prior":
+        plan = HeadPlan.prior(L, G, layers, groups)
+    else:
+        plan = getattr(HeadPlan, preset)(L, G, layers, heads)
     return InferenceMode(name, segment=SegmentConfig(S, M, R, 1), head_plan=plan)
+
+
+PRESETS = ("interleaved", "contiguous", "prior")
 
 
 def main(argv=None) -> int:
@@ -148,7 +165,8 @@ def _line(row: dict) -> str:
             f"{_fmt(row['accuracy_outside_reach'])} hit rate {_fmt(row['hit_rate'])} {heads} | correct/wrong x "
             f"retrieved/not {t['correct_retrieved']}/{t['correct_not_retrieved']}/{t['wrong_retrieved']}/"
             f"{t['wrong_not_retrieved']} | span hit rate {_fmt(row['span_hit_rate'])}: "
-            f"{u['correct_retrieved']}/{u['correct_not_retrieved']}/{u['wrong_retrieved']}/{u['wrong_not_retrieved']}")
+            f"{u['correct_retrieved']}/{u['correct_not_retrieved']}/{u['wrong_retrieved']}/{u['wrong_not_retrieved']} | "
+            f"state {row['state_mib']:.2f} MiB")
 
 
 def _jsonable(x):

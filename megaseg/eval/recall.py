@@ -21,6 +21,11 @@ document:
 
 So a failure reads as "never retrieved" (selection) or "retrieved but not used" (the
 attention over the prefix), and a success outside the local reach shows which head carried it.
+
+Beside them, ``state_mib``: the attention state the mode holds (KV caches, tails, retrieved
+prefixes, pools) when the longest document streams through it chunk by chunk, as prefill
+and decode run it (`megaseg.eval.evaluator.run_sequence`). Full, StreamingLLM and Duo-style
+modes are scored from that streamed run too, which equals one forward over the document.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from megaseg.config import ConfigError
+from megaseg.eval.evaluator import MIB, run_sequence
 from megaseg.eval.modes import InferenceMode, installed
 from megaseg.ops import stats
 
@@ -124,6 +130,9 @@ class RecallResult:
     table: dict[str, int] = field(default_factory=dict)
     span_hit_rate: float = float("nan")  # of answers outside reach: a token of the needle span retrieved
     span_table: dict[str, int] = field(default_factory=dict)  # correct/wrong x span retrieved/not
+    # attention state (KV caches, tails, retrieved prefixes, pools) held between chunks when the
+    # longest document streams through the mode, counted from the tensors (MiB)
+    state_mib: float = float("nan")
 
 
 def _picked(rec: stats.SegmentStats, batch_row: int = 0) -> dict[tuple[int, int], dict[int, set[int]]]:
@@ -154,17 +163,24 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
         plan = mode.head_plan or cfg.head_plan
         for i, layer in enumerate(model.model.layers):  # where each core reports its picks
             layer.self_attn.core.layer_index = i
+        segmented = mode.kind in ("megaseg", "no_retrieval")
+        chunk = mode.chunk_size(model)
+        longest = max(documents, key=lambda d: len(d.ids))
+        state = run_sequence(model, longest.ids, chunk).peak_state_bytes
         for doc in documents:
             ids = torch.tensor([doc.ids])
-            with stats.recording(keep_picks=True) as rec:
-                logits = model(ids)[0][0]
-            pred = logits.argmax(-1)
-            picks = _picked(rec)
+            if segmented:  # one forward, recording each retrieval head's picks per segment
+                with stats.recording(keep_picks=True) as rec:
+                    logits = model(ids)[0][0]
+                pred = logits.argmax(-1)
+                picks = _picked(rec)
+            else:  # window and full modes stream in chunks: no score matrix over the whole document
+                pred = run_sequence(model, doc.ids, chunk).argmax
             for ans in doc.answers:
                 ok = bool((pred[ans.start - 1 : ans.end - 1] == ids[0, ans.start : ans.end]).all())
                 total += 1
                 correct += ok
-                if mode.kind not in ("megaseg", "no_retrieval"):  # segment grid: reach and picks are defined
+                if not segmented:  # segment grid: reach and picks are defined
                     continue
                 producing = (ans.start - 1) // S  # the segment whose queries predict the first answer token
                 reach_start = producing * S - M if M else producing * S
@@ -192,4 +208,5 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
         outside_reach=outside, accuracy_outside_reach=outside_correct / outside if outside else float("nan"),
         hit_rate=hits / outside if outside else float("nan"),
         hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table,
-        span_hit_rate=span_hits / outside if outside else float("nan"), span_table=span_table)
+        span_hit_rate=span_hits / outside if outside else float("nan"), span_table=span_table,
+        state_mib=state / MIB)

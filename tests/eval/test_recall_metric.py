@@ -116,12 +116,27 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
     out = tmp_path / "rows.json"
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps([["local", "local"], ["retrieval", "local"]]))
-    modes = ["own", "no_retrieval", "full", "streaming=4:32", "small=32:8:8:1:1", "duo=4:32", f"planned=32:8:8:@{plan}"]
+    modes = ["own", "no_retrieval", "full", "streaming=4:32", "small=32:8:8:1:1", "duo=4:32", f"planned=32:8:8:@{plan}",
+             "contiguous=64:16:16:0,1:2:contiguous", "prior=64:16:16:1:1:prior"]
     argv = ["--checkpoint", f"m={tmp_path / 'model'}", "--data", f"1x={prefix}", "--json", str(out)]
     assert recall_eval.main(argv + [x for m in modes for x in ("--mode", m)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["own", "no_retrieval", "full", "streaming32", "small", "duo32", "planned"]
+    assert [r["mode"] for r in rows] == ["own", "no_retrieval", "full", "streaming32", "small", "duo32", "planned",
+                                         "contiguous", "prior"]
     assert set(rows[6]["hit_rate_per_head"]) == {"layer1_group0"}  # the plan file's retrieval group
+    assert set(rows[7]["hit_rate_per_head"]) == {"layer0_group0", "layer0_group1", "layer1_group0", "layer1_group1"}
+    assert set(rows[8]["hit_rate_per_head"]) == {"layer1_group1"}
+    # attention state of a 256-token document, 2 layers x 2 KV groups of head dim 8, fp32 K and V:
+    # full attention holds every token of every group. The own (interleaved) plan: layer 1's
+    # group 0 a pool of every token and the retrieved 16-token prefix, the two `local` groups
+    # a 16-token tail each, layer 0's group 0 (`segment`) nothing; no retrieval makes that
+    # retrieval group local too
+    state = {r["mode"]: r["state_mib"] * 2**20 for r in rows}
+    token = 2 * 8 * 4  # K and V of one token in one group
+    assert state["full"] == 4 * 256 * token
+    assert state["own"] == (256 + 16 + 2 * 16) * token
+    assert state["no_retrieval"] == 3 * 16 * token
+    assert state["streaming32"] < state["own"] < state["full"]
     own = rows[0]
     assert own["answers"] == 16 and own["outside_reach"] == 16  # gap 2 > the 16-token tail
     assert set(own["hit_rate_per_head"]) == {"layer1_group0"} and 0.0 <= own["hit_rate"] <= 1.0

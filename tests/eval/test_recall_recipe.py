@@ -27,3 +27,24 @@ def test_the_smallest_recipe_runs_end_to_end(tmp_path, small_data):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan  # the calibrated head plan (b) that (c) trained with
+
+
+def test_the_smallest_capacity_run_sweeps_pairs_and_retrieved_prefix_sizes(tmp_path, small_data):
+    """examples/recall/capacity.sh: MQAR pretraining with full attention, segmented continued
+    pretraining from it, and accuracy per (pairs, R) on the same weights."""
+    _, tokenizer_model = small_data
+    env = {**os.environ, "QUICK": "1", "RUN": str(tmp_path / "run"), "TOK": tokenizer_model,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(["bash", str(REPO / "examples" / "recall" / "capacity.sh")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
+    rows = json.loads((tmp_path / "run" / "capacity.json").read_text())
+    assert {(r["data"], r["mode"]) for r in rows} == {(f"p{p}", m) for p in (4, 16) for m in ("r8", "r32", "no_retrieval")}
+    for r in rows:
+        assert r["checkpoint"] == "segmented" and r["length"] == 512
+        assert r["answers"] == 4 * min(int(r["data"][1:]), 8)  # 4 documents, min(pairs, 8) queries each
+        assert r["outside_reach"] == r["answers"]  # the pairs lie at least two segments before the queries
+    state = {r["mode"]: r["state_mib"] for r in rows if r["data"] == "p4"}
+    assert state["no_retrieval"] < state["r8"] < state["r32"]
+    full = json.loads((tmp_path / "run" / "capacity_full.json").read_text())
+    assert {(r["checkpoint"], r["mode"]) for r in full} == {("full", "full")}
