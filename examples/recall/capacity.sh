@@ -21,7 +21,7 @@ CORPUS="${CORPUS:-examples/recall/filler.txt}"
 EVAL_CORPUS="${EVAL_CORPUS:-examples/recall/filler_long.txt}"
 PAIRS="${PAIRS:-16}"; QUERIES="${QUERIES:-8}"   # training documents
 S0="${S0:-256}"; S="${S:-128}"; M="${M:-32}"; R_TRAIN="${R_TRAIN:-64}"; T="${T:-512}"
-ITERS_A="${ITERS_A:-400}"; ITERS_C="${ITERS_C:-400}"
+ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-600}"
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-12000}"; EVAL_DOCS="${EVAL_DOCS:-40}"
 EVAL_LENGTH="${EVAL_LENGTH:-2048}"; EVAL_PAIRS="${EVAL_PAIRS:-4 8 16 32 64 128}"; R_EVAL="${R_EVAL:-16 64 256}"
 WARMUP="${WARMUP:-30}"
