@@ -25,6 +25,8 @@ def test_the_smallest_recipe_runs_end_to_end(tmp_path, small_data):
     baselines = json.loads((tmp_path / "run" / "recall_baselines.json").read_text())
     assert {r["mode"] for r in baselines} == {"streaming40", "duo40"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    state = {(r["checkpoint"], r["mode"]): r["state_mib"] for r in rows if r["data"] == "512"}
+    assert 0 < state[("aligned", "no_retrieval")] < state[("aligned", "own")] < state[("aligned", "full")]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan  # the calibrated head plan (b) that (c) trained with
 
@@ -48,3 +50,11 @@ def test_the_smallest_capacity_run_sweeps_pairs_and_retrieved_prefix_sizes(tmp_p
     assert state["no_retrieval"] < state["r8"] < state["r32"]
     full = json.loads((tmp_path / "run" / "capacity_full.json").read_text())
     assert {(r["checkpoint"], r["mode"]) for r in full} == {("full", "full")}
+    report = subprocess.run([sys.executable, str(REPO / "examples" / "recall" / "report.py"), "--capacity",
+                             str(tmp_path / "run" / "capacity.json"), str(tmp_path / "run" / "capacity_full.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert "| pairs (2P tokens) | segmented / r8 | segmented / r32 | segmented / no_retrieval | full / full |" in lines
+    assert [line.split(" |")[0] for line in lines if line.startswith("| 4 (8)") or line.startswith("| 16 (32)")] == \
+        ["| 4 (8)", "| 16 (32)"]
