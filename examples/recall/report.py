@@ -78,13 +78,28 @@ def capacity_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def capacity_plot(rows: list[dict], path: str) -> None:
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    return plt, *plt.subplots(1, 2, figsize=(11, 4))
+
+
+def _save(fig, axes, titles, xlabel: str, legend: int, path: str) -> None:
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def capacity_plot(rows: list[dict], path: str) -> None:
+    _, fig, axes = _figure()
     arms = defaultdict(list)
     for r in rows:
         arms[(r["checkpoint"], r["mode"])].append(r)
@@ -99,23 +114,12 @@ def capacity_plot(rows: list[dict], path: str) -> None:
         if mode.startswith("r") and mode[1:].isdigit():  # where 2P = R: the pairs block just fits
             for ax in axes:
                 ax.axvline(int(mode[1:]) / 2, color=line.get_color(), lw=0.8, ls=":")
-    for ax, title in zip(axes, ("MQAR accuracy", "hit rate: the queried value retrieved")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("key-value pairs (dotted: 2 x pairs = R)")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, axes, ("MQAR accuracy", "hit rate: the queried value retrieved"),
+          "key-value pairs (dotted: 2 x pairs = R)", 7, path)
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plt, fig, axes = _figure()
     arms = defaultdict(list)
     for r in rows:
         if r["data"].isdigit():  # the length sweep (held-out sets are named otherwise)
@@ -131,14 +135,8 @@ def plot(rows: list[dict], path: str) -> None:
                 if r.get("span_hit_rate") is not None and r["span_hit_rate"] == r["span_hit_rate"]]
         if hits:
             axes[1].plot(*zip(*hits), **style)
-    for ax, title in zip(axes, ("pass-key accuracy", "span hit rate: a needle token from the value on retrieved")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("document length (tokens)")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, axes, ("pass-key accuracy", "span hit rate: a needle token from the value on retrieved"),
+          "document length (tokens)", 6, path)
 
 
 def main(argv=None) -> int:
