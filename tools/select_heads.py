@@ -7,7 +7,9 @@ write a head plan with a budget of long-range heads.
 
 Calibration data: ``--documents`` natural-text sequences from the corpus plus
 ``--samples-per-task`` samples of each of ``--tasks`` (long-range recall cases), all of
-``--length`` tokens. A group's score is the loss increase (or KL, ``--metric kl``) when only
+``--length`` tokens; or, with ``--recall-data PREFIX``, the first ``--recall-documents``
+documents of a ``tools/make_recall_data.py`` dataset (the data the model is to recall on),
+scored on their answer tokens only. A group's score is the loss increase (or KL, ``--metric kl``) when only
 its context is cut to what a `local` head sees (its segment of ``--segment-length`` tokens
 and the ``--tail-length`` tokens before it), all other heads keeping full attention. Writes ``plan.json`` (per-layer modes: what ``--head-plan-file FILE``
 of pretraining, tools/convert_hf.py and tools/generate.py reads) and ``plan.scores.json`` (scores,
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", type=int, default=4, help="natural-text calibration sequences")
     p.add_argument("--tasks", default="passkey,niah_multikey", help="comma-separated recall tasks mixed in ('' for none)")
     p.add_argument("--samples-per-task", type=int, default=2)
+    p.add_argument("--recall-data", default=None, help="make_recall_data.py --output-prefix: calibrate on its "
+                   "documents, scored on their answers (instead of --documents/--tasks)")
+    p.add_argument("--recall-documents", type=int, default=32, help="documents of --recall-data (default 32)")
     p.add_argument("--tail-length", type=int, help="M tokens before the segment a cut head keeps, as a `local` "
                    "head does (default: the model's M)")
     p.add_argument("--metric", default="loss", choices=("loss", "kl"))
@@ -63,9 +68,18 @@ def run(args) -> int:
     length = args.length or 2 * S
     if length <= S + 1:
         raise ConfigError(f"--length={length} is invalid: must exceed the segment length {S} + 1")
-    hay = Haystack.from_source(tok, args.corpus)
-    seqs = eval_documents(hay, length, args.documents, args.seed)
-    seqs += [generate(t, length, args.seed * 1000 + i, tok, hay).ids for t in tasks for i in range(args.samples_per_task)]
+    targets = None
+    if args.recall_data:
+        from megaseg.eval.recall import load_recall_documents
+
+        docs = load_recall_documents(args.recall_data, limit=args.recall_documents)
+        seqs = [d.ids for d in docs]
+        targets = [[p for a in d.answers for p in range(a.start, a.end)] for d in docs]
+        length = max(map(len, seqs))
+    else:
+        hay = Haystack.from_source(tok, args.corpus)
+        seqs = eval_documents(hay, length, args.documents, args.seed)
+        seqs += [generate(t, length, args.seed * 1000 + i, tok, hay).ids for t in tasks for i in range(args.samples_per_task)]
     t0 = time.perf_counter()
     try:
         from tqdm import tqdm
@@ -74,10 +88,10 @@ def run(args) -> int:
     except ImportError:
         progress = None
     M = model.config.segment.tail_length if args.tail_length is None else args.tail_length
-    scores = score_heads(model, seqs, S, args.metric, progress, tail=M)
+    scores = score_heads(model, seqs, S, args.metric, progress, tail=M, targets=targets)
     plan = select_plan(scores, args.budget)
     record = plan_record(scores, plan, args.budget, args.metric, S, M)
-    record.update(checkpoint=str(args.checkpoint), length=length, sequences=len(seqs),
+    record.update(checkpoint=str(args.checkpoint), length=length, sequences=len(seqs), recall_data=args.recall_data,
                   seconds=round(time.perf_counter() - t0, 2))
     path, side = write_plan(args.output, record)
     print("top heads (layer, group): " + ", ".join(f"({i}, {g})" for i, g in record["ranking"][:args.budget]))

@@ -45,12 +45,16 @@ def _logprobs(model, seq: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_heads(model, sequences: Sequence[Sequence[int]], segment_length: int | None = None,
-                metric: str = "loss", progress=None, tail: int = 0) -> torch.Tensor:
+                metric: str = "loss", progress=None, tail: int = 0,
+                targets: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
     """Scores [layers, KV groups]; higher = needs long-range context more.
 
     ``tail`` = M > 0 cuts a group to what a megaseg `local` head sees (its segment and the
     last M tokens of the previous one) instead of its segment alone, so that a head that
     only needs the few tokens across a segment boundary does not score as long-range.
+    ``targets[i]``, when given and not None, lists the token positions of sequence i whose
+    prediction is scored (e.g. the answers of a recall document) instead of every token
+    past the first segment.
     """
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r} is invalid: allowed {METRICS}")
@@ -60,6 +64,22 @@ def score_heads(model, sequences: Sequence[Sequence[int]], segment_length: int |
     if not seqs or min(s.numel() for s in seqs) <= S + 1:
         raise ConfigError(f"calibration sequences must be longer than segment_length + 1 = {S + 1} tokens "
                           "(nothing is cut inside the first segment)")
+    targets = list(targets) if targets is not None else [None] * len(seqs)
+    if len(targets) != len(seqs):
+        raise ConfigError(f"targets has {len(targets)} entries for {len(seqs)} calibration sequences")
+    # prediction indices scored per sequence: position t is predicted at t - 1
+    scored = []
+    for s, t in zip(seqs, targets):
+        if t is None:
+            scored.append(torch.arange(S, s.numel() - 1))
+            continue
+        idx = torch.as_tensor(sorted({int(p) - 1 for p in t}), dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < S or int(idx.max()) >= s.numel() - 1):
+            raise ConfigError(f"calibration targets must lie past the first segment (positions {S + 1}.."
+                              f"{s.numel() - 1}): nothing is cut inside it")
+        scored.append(idx)
+    if not sum(i.numel() for i in scored):
+        raise ConfigError("no calibration position to score")
     saved = [layer.self_attn.core for layer in model.model.layers]
     try:
         _install(model, None, S)
@@ -69,15 +89,17 @@ def score_heads(model, sequences: Sequence[Sequence[int]], segment_length: int |
         for i, g in (progress(pairs) if progress else pairs):
             _install(model, (i, g), S, tail)
             total, count = 0.0, 0
-            for s, lp0 in zip(seqs, base):
+            for s, lp0, idx in zip(seqs, base, scored):
+                if not idx.numel():
+                    continue
                 lp = _logprobs(model, s)
                 if metric == "loss":
                     tgt = s[1:, None]
                     d = lp0.gather(1, tgt).squeeze(1) - lp.gather(1, tgt).squeeze(1)
                 else:
                     d = (lp0.exp() * (lp0 - lp)).sum(-1)
-                total += float(d[S:].sum())
-                count += d[S:].numel()
+                total += float(d[idx].sum())
+                count += idx.numel()
             scores[i, g] = total / count
     finally:
         for layer, core in zip(model.model.layers, saved):

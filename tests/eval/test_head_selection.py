@@ -103,3 +103,19 @@ def test_one_reader_takes_every_plan_file_shape(tmp_path):
         with pytest.raises(ConfigError) as info:
             read_plan_file(str(bad))
         assert str(info.value).startswith(f"head_plan_file={str(bad)!r} is invalid") and needle in str(info.value)
+
+
+def test_targets_score_only_the_listed_predictions():
+    """select_heads --recall-data scores a recall document on its answers only."""
+    model, seqs = planted_model(), calibration()
+    every = score_heads(model, seqs, S, "kl")
+    assert torch.equal(score_heads(model, seqs, S, "kl", targets=[range(S + 1, len(s)) for s in seqs]), every)
+    late = score_heads(model, seqs, S, "kl", targets=[range(41, 80)] * 3)  # each partner 40 tokens back
+    early = score_heads(model, seqs, S, "kl", targets=[range(S + 1, 40)] * 3)  # no partner anywhere
+    assert ranking(late)[0] == PLANTED and late[PLANTED] > early[PLANTED]
+    mixed = score_heads(model, seqs, S, "kl", targets=[None, range(41, 80), range(41, 80)])
+    assert not torch.equal(mixed, late) and not torch.equal(mixed, every)
+    with pytest.raises(ConfigError, match="past the first segment"):
+        score_heads(model, seqs, S, targets=[[S]] * 3)
+    with pytest.raises(ConfigError, match="3 calibration sequences"):
+        score_heads(model, seqs, S, targets=[None])
