@@ -146,5 +146,14 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
         recall_eval.main(argv[:2])
     assert info.value.code == 2
     assert recall_eval.main(argv + ["--mode", "bad=1:2"]) == 2
+    # calibration on the same documents, scored on their answers
+    from tools import select_heads
+
+    calibrated = tmp_path / "calibrated.json"
+    assert select_heads.main([str(tmp_path / "model"), "--tokenizer", tokenizer, "--output", str(calibrated),
+                              "--budget", "1", "--recall-data", str(prefix), "--recall-documents", "3"]) == 0
+    record = json.loads(calibrated.with_suffix(".scores.json").read_text())
+    assert record["recall_data"] == str(prefix) and record["sequences"] == 3 and record["length"] == 256
+    assert sum(m == "retrieval" for row in json.loads(calibrated.read_text()) for m in row) == 1
     plan.write_text(json.dumps([["local", "retrieval"]]))  # one layer for a 2-layer model
     assert recall_eval.main(argv + ["--mode", f"bad=32:8:8:@{plan}"]) == 2
