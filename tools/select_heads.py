@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="megaseg checkpoint directory or HF directory (with a tokenizer)")
     p.add_argument("--output", required=True, help="head plan JSON to write (scores go beside it)")
     p.add_argument("--budget", type=int, required=True, help="number of long-range (layer, KV group) pairs")
+    p.add_argument("--long-range-layers", type=int, nargs="+", default=None,
+                   help="choose only among the KV groups of these layers (default: every layer)")
     p.add_argument("--tokenizer", help="tokenizer path (default: the checkpoint's)")
     p.add_argument("--corpus", default="stdlib", help="calibration text: stdlib, or a directory / file")
     p.add_argument("--length", type=int, help="tokens per calibration sequence (default: 2 x segment length)")
@@ -89,12 +91,14 @@ def run(args) -> int:
         progress = None
     M = model.config.segment.tail_length if args.tail_length is None else args.tail_length
     scores = score_heads(model, seqs, S, args.metric, progress, tail=M, targets=targets)
-    plan = select_plan(scores, args.budget)
+    plan = select_plan(scores, args.budget, args.long_range_layers)
     record = plan_record(scores, plan, args.budget, args.metric, S, M)
     record.update(checkpoint=str(args.checkpoint), length=length, sequences=len(seqs), recall_data=args.recall_data,
+                  candidate_layers=args.long_range_layers,
                   seconds=round(time.perf_counter() - t0, 2))
     path, side = write_plan(args.output, record)
-    print("top heads (layer, group): " + ", ".join(f"({i}, {g})" for i, g in record["ranking"][:args.budget]))
+    chosen = [(i, g) for i, row in enumerate(plan.modes) for g, m in enumerate(row) if m == "retrieval"]
+    print("chosen heads (layer, group): " + ", ".join(f"({i}, {g})" for i, g in chosen))
     print(f"wrote {path} and {side}")
     return 0
 

@@ -107,13 +107,17 @@ def score_heads(model, sequences: Sequence[Sequence[int]], segment_length: int |
     return scores
 
 
-def select_plan(scores: torch.Tensor, budget: int) -> HeadPlan:
+def select_plan(scores: torch.Tensor, budget: int, layers: Sequence[int] | None = None) -> HeadPlan:
     """The plan whose `retrieval` groups are the ``budget`` highest-scoring (layer, group)
-    pairs (ties: lower layer, then lower group); everything else `local`."""
+    pairs (ties: lower layer, then lower group), among the groups of ``layers`` when given
+    (the paper fixes its long-range layers and chooses heads in them); everything else `local`."""
     L, G = scores.shape
-    if not isinstance(budget, int) or not 0 <= budget <= L * G:
-        raise ConfigError(f"budget={budget!r} is invalid: must be an integer in [0, {L * G}]")
-    order = sorted(((i, g) for i in range(L) for g in range(G)), key=lambda p: (-float(scores[p]), p))
+    layers = list(range(L)) if layers is None else sorted(set(layers))
+    if not layers or not all(isinstance(i, int) and 0 <= i < L for i in layers):
+        raise ConfigError(f"layers={layers!r} is invalid: must be layers in [0, {L})")
+    if not isinstance(budget, int) or not 0 <= budget <= len(layers) * G:
+        raise ConfigError(f"budget={budget!r} is invalid: must be an integer in [0, {len(layers) * G}]")
+    order = sorted(((i, g) for i in layers for g in range(G)), key=lambda p: (-float(scores[p]), p))
     chosen = order[:budget]
     heads: dict[int, list[int]] = {}
     for i, g in chosen:

@@ -74,6 +74,15 @@ def test_plan_from_scores_and_files(tmp_path):
                                                            "long_range_heads": [2]}
     assert json.loads(path.read_text()) == plan.to_list()  # what --head-plan-file FILE reads
     assert select_plan(scores, 0) == HeadPlan.all_local(3, 4)
+    # choosing only among the groups of given long-range layers
+    assert select_plan(scores, 2, [0, 2]).modes == (("local", "local", "local", "retrieval"), ("local",) * 4,
+                                                    ("retrieval", "local", "local", "local"))
+    assert select_plan(scores, 1, [0]).modes[0] == ("local", "local", "local", "retrieval")
+    for bad in ([3], []):
+        with pytest.raises(ConfigError, match="layers="):
+            select_plan(scores, 1, bad)
+    with pytest.raises(ConfigError, match="budget=5"):
+        select_plan(scores, 5, [1])
 
 
 def test_calibration_must_reach_past_the_segment():
