@@ -51,13 +51,13 @@ python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a
   --seq-length "$S0" --segment-length "$S0" --tail-length 0 --retrieval-length 0 --num-long-range-heads 0 \
   --train-iters "$ITERS_A" --save "$RUN/full" --save-interval "$ITERS_A"
 
-echo "== (b) long-range heads calibrated on (a)"
-python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --segment-length "$S" \
-  --tail-length "$M" --length "$S0" --tasks passkey --documents 8 --samples-per-task 8
-
-echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
+echo "== (b) one long-range head in layer 1, calibrated on (a) with (c)'s documents (scored on their answers)"
 python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
   --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 2
+python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --long-range-layers 1 \
+  --segment-length "$S" --tail-length "$M" --recall-data "$RUN/c" --recall-documents 32
+
+echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
 SEGMENTED=(--pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document"
            --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S"
            --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --lr 1e-3 --min-lr 1e-4)
