@@ -3,8 +3,8 @@
 # associative recall (MQAR, the Zoology formulation: a block of single-token key/value pairs,
 # later a block of queried keys, each followed by its value) through the real CLI:
 #   (a) the recipe's small model pretrained with full attention on MQAR documents of PAIRS pairs;
-#   (c) continued pretraining with segmented execution from it (S, M, R_TRAIN, TBPTT-1, the
-#       interleaved plan: one retrieval KV group in the last layer);
+#   (b) one long-range KV group in the last layer, calibrated on (c)'s documents;
+#   (c) continued pretraining with segmented execution from it (S, M, R_TRAIN, TBPTT-1);
 #   (d) accuracy and retrieval hit rate on new documents of 4 .. 128 pairs at EVAL_LENGTH tokens,
 #       the pairs block at least two segments before the queries, for R in R_EVAL on the same
 #       weights; beside them (a) with full attention and (c) with no retrieval.
@@ -44,12 +44,16 @@ python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a
   --seq-length "$S0" --segment-length "$S0" --tail-length 0 --retrieval-length 0 --num-long-range-heads 0 \
   --long-range-layers 1 --train-iters "$ITERS_A" --save "$RUN/full" --save-interval "$ITERS_A"
 
-echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R_TRAIN, TBPTT-1, $T tokens"
+echo "== (b) one long-range head in layer 1, calibrated on (a) with (c)'s documents (scored on their answers)"
 python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
   --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 12
+python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --long-range-layers 1 \
+  --segment-length "$S" --tail-length "$M" --recall-data "$RUN/c" --recall-documents 32
+
+echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R_TRAIN, TBPTT-1, $T tokens"
 python pretrain/pretrain_gpt.py "${COMMON[@]}" --pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document" \
   --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S" --tail-length "$M" \
-  --retrieval-length "$R_TRAIN" --long-range-layers 1 --num-long-range-heads 1 --tbptt-k 1 --lr 1e-3 --min-lr 1e-4 \
+  --retrieval-length "$R_TRAIN" --head-plan-file "$RUN/plan.json" --tbptt-k 1 --lr 1e-3 --min-lr 1e-4 \
   --train-iters "$ITERS_C" --save "$RUN/segmented" --save-interval "$ITERS_C"
 
 echo "== (d) MQAR accuracy vs pairs at $EVAL_LENGTH tokens for R in $R_EVAL"
@@ -61,7 +65,7 @@ for P in $EVAL_PAIRS; do
   EVAL+=(--data "p${P}=$RUN/eval_p$P")
 done
 MODES=()
-for R in $R_EVAL; do MODES+=(--mode "r$R=$S:$M:$R:1:1"); done
+for R in $R_EVAL; do MODES+=(--mode "r$R=$S:$M:$R:@$RUN/plan.json"); done
 python tools/recall_eval.py --checkpoint segmented="$RUN/segmented" "${EVAL[@]}" "${MODES[@]}" --mode no_retrieval \
   --documents "$EVAL_DOCS" --json "$RUN/capacity.json"
 python tools/recall_eval.py --checkpoint full="$RUN/full" "${EVAL[@]}" --mode full --documents "$EVAL_DOCS" \
