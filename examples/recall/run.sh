@@ -2,7 +2,8 @@
 # The paper's regime at mini scale, through the real CLI (docs/benchmarks/recall.md):
 #   (a) a small model pretrained with full attention on documents with a pass key in them,
 #       the loss on the answers only (--loss-mask-data-path), until it recalls at its length;
-#   (b) long-range heads calibrated on it (tools/select_heads.py);
+#   (b) one long-range head in layer 1 calibrated on it (tools/select_heads.py), scored on the
+#       answers of (c)'s documents;
 #   (c) continued pretraining with segmented execution, TBPTT-1, from (a) through
 #       --pretrained-checkpoint, at 4 segments;
 #   (d) recall accuracy and retrieval hit rate at 1x .. 16x (c)'s training length, for the
@@ -11,7 +12,8 @@
 #   ARMS=1: also the training arms K = 0 (--tbptt-k 0) and M = 0 (--tail-length 0), each
 #       trained like (c) for ITERS_ARMS steps, and evaluated the same way.
 #
-#   examples/recall/run.sh                  # RUN=runs/recall, about 55 min on 2 CPU cores (ARMS=1: + 2 x ITERS_ARMS steps)
+#   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) more (ARMS=1: + 2 x ITERS_ARMS steps)
+#   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # the 2-KV-group run of docs/benchmarks/recall.md
 #   QUICK=1 examples/recall/run.sh          # tiny sizes: checks the recipe end to end in a few minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,9 +37,10 @@ if [[ -n "${QUICK:-}" ]]; then
 fi
 [[ -f "$TOK" ]] || python tools/prepare_default_data.py
 mkdir -p "$RUN"
-# 2 layers x 4 KV groups: the one calibrated retrieval group keeps a pool of every token, 1/8 of
-# full attention's KV state (plus tails and prefixes)
-MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --num-query-groups 4)
+# 2 layers x KV_GROUPS KV groups: the one retrieval group keeps a pool of every token, 1/(2 x KV_GROUPS)
+# of full attention's KV state (plus tails and prefixes); PLAN=FILE skips (b) and trains with that plan
+KV_GROUPS="${KV_GROUPS:-4}"
+MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --num-query-groups "$KV_GROUPS")
 DATA=(--tokenizer-model "$TOK" --tasks passkey --value-digits "$DIGITS" --align-answer --corpus "$CORPUS")
 WARMUP="${WARMUP:-30}"
 COMMON=(--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters "$WARMUP" --micro-batch-size 32 --global-batch-size 32
@@ -54,8 +57,12 @@ python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a
 echo "== (b) one long-range head in layer 1, calibrated on (a) with (c)'s documents (scored on their answers)"
 python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
   --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 2
-python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --long-range-layers 1 \
-  --segment-length "$S" --tail-length "$M" --recall-data "$RUN/c" --recall-documents 32
+if [[ -n "${PLAN:-}" ]]; then
+  cp "$PLAN" "$RUN/plan.json"
+else
+  python tools/select_heads.py "$RUN/full" --output "$RUN/plan.json" --budget 1 --long-range-layers 1 \
+    --segment-length "$S" --tail-length "$M" --recall-data "$RUN/c" --recall-documents 32
+fi
 
 echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
 SEGMENTED=(--pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document"
