@@ -45,16 +45,16 @@ def state_table(rows: list[dict]) -> str:
     by_arm = defaultdict(dict)
     for r in rows:
         if r["data"] in sets and r.get("state_mib") is not None:
-            by_arm[r["mode"]][r["data"]] = r["state_mib"]
+            by_arm[(r["checkpoint"], r["mode"])][r["data"]] = r["state_mib"]
     out = ["attention state held while streaming the longest document, MiB (/ full attention's)", "",
-           "| mode | " + " | ".join(f"{s} tok" for s in sets) + " |", "|---|" + "---|" * len(sets)]
-    for mode, cells in by_arm.items():
+           "| checkpoint | mode | " + " | ".join(f"{s} tok" for s in sets) + " |", "|---|---|" + "---|" * len(sets)]
+    for (ckpt, mode), cells in by_arm.items():
         parts = []
         for s in sets:
             v = cells.get(s)
             ratio = f" ({v / full[s]:.3f})" if v is not None and full.get(s) else ""
             parts.append("" if v is None else f"{v:.2f}{ratio}")
-        out.append(f"| {mode} | " + " | ".join(parts) + " |")
+        out.append(f"| {ckpt} | {mode} | " + " | ".join(parts) + " |")
     return "\n".join(out)
 
 

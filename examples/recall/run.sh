@@ -12,8 +12,9 @@
 #   ARMS=1: also the training arms K = 0 (--tbptt-k 0) and M = 0 (--tail-length 0), each
 #       trained like (c) for ITERS_ARMS steps, and evaluated the same way.
 #
-#   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) more (ARMS=1: + 2 x ITERS_ARMS steps)
+#   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) about 12 more (ARMS=1: + 2 x ITERS_ARMS steps)
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # the 2-KV-group run of docs/benchmarks/recall.md
+#   LAYERS=3 KV_GROUPS=2 examples/recall/run.sh   # other model shapes (also HEADS, HEAD_DIM): the variants of docs/benchmarks/recall.md
 #   QUICK=1 examples/recall/run.sh          # tiny sizes: checks the recipe end to end in a few minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,10 +38,12 @@ if [[ -n "${QUICK:-}" ]]; then
 fi
 [[ -f "$TOK" ]] || python tools/prepare_default_data.py
 mkdir -p "$RUN"
-# 2 layers x KV_GROUPS KV groups: the one retrieval group keeps a pool of every token, 1/(2 x KV_GROUPS)
-# of full attention's KV state (plus tails and prefixes); PLAN=FILE skips (b) and trains with that plan
-KV_GROUPS="${KV_GROUPS:-4}"
-MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --num-query-groups "$KV_GROUPS")
+# LAYERS x KV_GROUPS KV groups: the one retrieval group (in layer 1) keeps a pool of every token,
+# 1/(LAYERS x KV_GROUPS) of full attention's KV state (plus tails and prefixes); HEADS query heads of
+# HEAD_DIM, so each KV group is read by HEADS / KV_GROUPS query heads; PLAN=FILE skips (b) and trains with that plan
+LAYERS="${LAYERS:-2}"; KV_GROUPS="${KV_GROUPS:-4}"; HEADS="${HEADS:-4}"; HEAD_DIM="${HEAD_DIM:-32}"
+MODEL=(--num-layers "$LAYERS" --hidden-size 128 --num-attention-heads "$HEADS" --num-query-groups "$KV_GROUPS"
+       --kv-channels "$HEAD_DIM")
 DATA=(--tokenizer-model "$TOK" --tasks passkey --value-digits "$DIGITS" --align-answer --corpus "$CORPUS")
 WARMUP="${WARMUP:-30}"
 COMMON=(--lr 3e-3 --min-lr 3e-4 --lr-warmup-iters "$WARMUP" --micro-batch-size 32 --global-batch-size 32

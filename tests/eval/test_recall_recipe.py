@@ -58,3 +58,20 @@ def test_the_smallest_capacity_run_sweeps_pairs_and_retrieved_prefix_sizes(tmp_p
     assert "| pairs (2P tokens) | segmented / r8 | segmented / r32 | segmented / no_retrieval | full / full |" in lines
     assert [line.split(" |")[0] for line in lines if line.startswith("| 4 (8)") or line.startswith("| 16 (32)")] == \
         ["| 4 (8)", "| 16 (32)"]
+
+
+def test_state_table_keeps_each_checkpoint_apart():
+    """Two checkpoints evaluated in the same modes keep their own state rows; the ratio is to
+    full attention's state at that length."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("recall_report", REPO / "examples" / "recall" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rows = [{"checkpoint": c, "mode": m, "data": "512", "state_mib": v}
+            for c, m, v in [("aligned", "own", 0.25), ("aligned", "full", 1.0), ("full", "own", 0.0), ("full", "full", 1.0)]]
+    rows.append({"checkpoint": "aligned", "mode": "own", "data": "heldout512", "state_mib": 9.0})
+    lines = report.state_table(rows).splitlines()
+    assert lines[2] == "| checkpoint | mode | 512 tok |"
+    assert "| aligned | own | 0.25 (0.250) |" in lines
+    assert "| full | own | 0.00 (0.000) |" in lines
+    assert len(lines) == 8
