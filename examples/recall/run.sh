@@ -15,6 +15,7 @@
 #   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) about 12 more (ARMS=1: + 2 x ITERS_ARMS steps)
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # the 2-KV-group run of docs/benchmarks/recall.md
 #   LAYERS=3 KV_GROUPS=2 examples/recall/run.sh   # other model shapes (also HEADS, HEAD_DIM): the variants of docs/benchmarks/recall.md
+#   SEED_C=7 LR_C=5e-4 MIN_LR_C=5e-5 examples/recall/run.sh   # (c) with another document order or learning rate
 #   QUICK=1 examples/recall/run.sh          # tiny sizes: checks the recipe end to end in a few minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,6 +30,8 @@ S0="${S0:-256}"                    # (a): full attention over S0 tokens
 S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retrieved prefix
 T="${T:-512}"                      # (c): training length, 4 segments
 ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_ARMS="${ITERS_ARMS:-$ITERS_C}"
+LR_C="${LR_C:-1e-3}"; MIN_LR_C="${MIN_LR_C:-1e-4}"   # (c) and the arms: peak and final learning rate
+SEED_C="${SEED_C:-1234}"           # (c) and the arms: the run seed (the order of (c)'s documents)
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
 SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
@@ -70,7 +73,7 @@ fi
 echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
 SEGMENTED=(--pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document"
            --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S"
-           --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --lr 1e-3 --min-lr 1e-4)
+           --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
 python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
   --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
 CKPTS=(--checkpoint aligned="$RUN/aligned")
