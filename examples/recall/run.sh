@@ -10,12 +10,15 @@
 #       aligned model and the arms on the same weights (tools/recall_eval.py), including the
 #       misaligned arm: (a) run with (c)'s segment settings and head plan;
 #   ARMS=1: also the training arms K = 0 (--tbptt-k 0) and M = 0 (--tail-length 0), each
-#       trained like (c) for ITERS_ARMS steps, and evaluated the same way.
+#       trained like (c) (or like (c') with SPLIT) for ITERS_ARMS steps, and evaluated the same way.
 #
 #   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) about 12 more (ARMS=1: + 2 x ITERS_ARMS steps)
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # the 2-KV-group run of docs/benchmarks/recall.md
 #   LAYERS=3 KV_GROUPS=2 examples/recall/run.sh   # other model shapes (also HEADS, HEAD_DIM): the variants of docs/benchmarks/recall.md
 #   SEED_C=7 LR_C=5e-4 MIN_LR_C=5e-5 examples/recall/run.sh   # (c) with another document order or learning rate
+#   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json SPLIT=4 examples/recall/run.sh   # then (c'): (c)'s KV
+#       groups split into 4 (tools/split_kv_groups.py), one copy of the retrieval group kept as retrieval, and
+#       ITERS_SPLIT more steps of segmented pretraining on new documents; (d) and the arms run on that model
 #   QUICK=1 examples/recall/run.sh          # tiny sizes: checks the recipe end to end in a few minutes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,14 +32,14 @@ DIGITS="${DIGITS:-0}"              # 0: the pass key is one token (a word); N: N
 S0="${S0:-256}"                    # (a): full attention over S0 tokens
 S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retrieved prefix
 T="${T:-512}"                      # (c): training length, 4 segments
-ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_ARMS="${ITERS_ARMS:-$ITERS_C}"
+ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_SPLIT="${ITERS_SPLIT:-300}"
 LR_C="${LR_C:-1e-3}"; MIN_LR_C="${MIN_LR_C:-1e-4}"   # (c) and the arms: peak and final learning rate
 SEED_C="${SEED_C:-1234}"           # (c) and the arms: the run seed (the order of (c)'s documents)
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
 SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
 if [[ -n "${QUICK:-}" ]]; then
-  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; ITERS_ARMS=2; DOCS_A=200; DOCS=200; EVAL_DOCS=4
+  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; ITERS_SPLIT=3; ITERS_ARMS=2; DOCS_A=200; DOCS=200; EVAL_DOCS=4
   LENGTHS="256 512"; SHORT="256"; WARMUP=1
 fi
 [[ -f "$TOK" ]] || python tools/prepare_default_data.py
@@ -76,9 +79,29 @@ SEGMENTED=(--pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document
            --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
 python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
   --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
-CKPTS=(--checkpoint aligned="$RUN/aligned")
+ALIGNED="$RUN/aligned"; FULL="$RUN/full"; EVAL_PLAN="$RUN/plan.json"; LAST_ITERS="$ITERS_C"
+if [[ -n "${SPLIT:-}" ]]; then
+  # SPLIT=G: every KV group copied into G / KV_GROUPS groups; only the last copy of the retrieval group keeps its
+  # pool (RETRIEVAL_COPIES), or SPLIT_PLAN=FILE gives the whole plan
+  echo "== (c') (c) split into $SPLIT KV groups per layer, one retrieval copy: $ITERS_SPLIT steps on new documents"
+  if [[ -n "${SPLIT_PLAN:-}" ]]; then PLAN_SPLIT=(--head-plan-file "$SPLIT_PLAN"); else PLAN_SPLIT=(--retrieval-copies "${RETRIEVAL_COPIES:-1}"); fi
+  python tools/split_kv_groups.py "$RUN/aligned" "$RUN/split" --kv-groups "$SPLIT" "${PLAN_SPLIT[@]}" \
+    --plan-output "$RUN/plan_split.json"
+  # (a) split the same way (the same function under full attention): the misaligned arm and the baselines
+  python tools/split_kv_groups.py "$RUN/full" "$RUN/full_split" --kv-groups "$SPLIT"
+  python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c2" --documents "${DOCS_SPLIT:-$((ITERS_SPLIT * 32))}" \
+    --length "$T" --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 5
+  SEGMENTED=(--pretrained-checkpoint "$RUN/split" --data-path "$RUN/c2_text_document"
+             --loss-mask-data-path "$RUN/c2_loss_mask_document" --seq-length "$T" --segment-length "$S"
+             --retrieval-length "$R" --head-plan-file "$RUN/plan_split.json" --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
+  python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
+    --train-iters "$ITERS_SPLIT" --save "$RUN/aligned_split" --save-interval "$ITERS_SPLIT"
+  ALIGNED="$RUN/aligned_split"; FULL="$RUN/full_split"; EVAL_PLAN="$RUN/plan_split.json"; LAST_ITERS="$ITERS_SPLIT"
+fi
+ITERS_ARMS="${ITERS_ARMS:-$LAST_ITERS}"
+CKPTS=(--checkpoint aligned="$ALIGNED")
 if [[ -n "${ARMS:-}" ]]; then
-  echo "== arms: K = 0 and M = 0, trained like (c) for $ITERS_ARMS steps"
+  echo "== arms: K = 0 and M = 0, trained like the last step for $ITERS_ARMS steps"
   python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 0 \
     --train-iters "$ITERS_ARMS" --save "$RUN/k0" --save-interval "$ITERS_ARMS"
   python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length 0 --tbptt-k 1 \
@@ -99,12 +122,12 @@ python tools/make_recall_data.py "${DATA[@]}" --corpus "$EVAL_CORPUS" --output-p
 EVAL+=(--data "heldout${T}=$RUN/heldout_$T")
 SHORT_EVAL=()
 for L in $SHORT; do SHORT_EVAL+=(--data "${L}=$RUN/eval_$L"); done
-python tools/recall_eval.py "${CKPTS[@]}" --checkpoint full="$RUN/full" "${EVAL[@]}" \
+python tools/recall_eval.py "${CKPTS[@]}" --checkpoint full="$FULL" "${EVAL[@]}" \
   --mode own --mode no_retrieval --mode full --mode "interleaved=$S:$M:$R:1:1" --documents "$EVAL_DOCS" \
   --json "$RUN/recall.json"
-python tools/recall_eval.py --checkpoint full="$RUN/full" "${EVAL[@]}" --mode "misaligned=$S:$M:$R:@$RUN/plan.json" \
+python tools/recall_eval.py --checkpoint full="$FULL" "${EVAL[@]}" --mode "misaligned=$S:$M:$R:@$EVAL_PLAN" \
   --documents "$EVAL_DOCS" --json "$RUN/recall_misaligned.json"
-python tools/recall_eval.py --checkpoint aligned="$RUN/aligned" --checkpoint full="$RUN/full" "${SHORT_EVAL[@]}" \
+python tools/recall_eval.py --checkpoint aligned="$ALIGNED" --checkpoint full="$FULL" "${SHORT_EVAL[@]}" \
   --mode "streaming=4:$((S + M))" --mode "duo=4:$((S + M))" --documents "$EVAL_DOCS" --json "$RUN/recall_baselines.json"
 echo "recipe wall time: $SECONDS s"
 echo "wrote $RUN/recall.json, $RUN/recall_misaligned.json, $RUN/recall_baselines.json"

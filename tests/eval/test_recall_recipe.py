@@ -12,11 +12,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_smallest_recipe_runs_end_to_end(tmp_path, small_data):
     _, tokenizer_model = small_data
+    """With SPLIT=4 the 2-group (c) is split into 4 KV groups with one retrieval copy, pretrained
+    further (c'), and (d) and the arms run on that model."""
     env = {**os.environ, "QUICK": "1", "RUN": str(tmp_path / "run"), "TOK": tokenizer_model, "DIGITS": "2", "ARMS": "1",
+           "KV_GROUPS": "2", "SPLIT": "4",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = subprocess.run(["bash", str(REPO / "examples" / "recall" / "run.sh")], env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
+    split_plan = json.loads((tmp_path / "run" / "plan_split.json").read_text())
+    assert [len(layer) for layer in split_plan] == [4, 4] and sum(m == "retrieval" for l in split_plan for m in l) == 1
+    assert "split into 4 KV groups" in run.stdout and (tmp_path / "run" / "aligned_split").is_dir()
     rows = json.loads((tmp_path / "run" / "recall.json").read_text())
     arms = {(r["checkpoint"], r["mode"]) for r in rows}
     assert {("aligned", "own"), ("aligned", "no_retrieval"), ("full", "full"), ("k0", "own"), ("m0", "own")} <= arms
