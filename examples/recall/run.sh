@@ -32,7 +32,7 @@ DIGITS="${DIGITS:-0}"              # 0: the pass key is one token (a word); N: N
 S0="${S0:-256}"                    # (a): full attention over S0 tokens
 S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retrieved prefix
 T="${T:-512}"                      # (c): training length, 4 segments
-ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_SPLIT="${ITERS_SPLIT:-300}"
+ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_SPLIT="${ITERS_SPLIT:-400}"
 LR_C="${LR_C:-1e-3}"; MIN_LR_C="${MIN_LR_C:-1e-4}"   # (c) and the arms: peak and final learning rate
 SEED_C="${SEED_C:-1234}"           # (c) and the arms: the run seed (the order of (c)'s documents)
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
@@ -74,9 +74,12 @@ else
 fi
 
 echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, $T tokens"
-SEGMENTED=(--pretrained-checkpoint "$RUN/full" --data-path "$RUN/c_text_document"
-           --loss-mask-data-path "$RUN/c_loss_mask_document" --seq-length "$T" --segment-length "$S"
-           --retrieval-length "$R" --head-plan-file "$RUN/plan.json" --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
+segmented() {  # FROM DATA PLAN: the flags of (c), (c') and the arms (the tail and K are added per run)
+  SEGMENTED=(--pretrained-checkpoint "$1" --data-path "${2}_text_document" --loss-mask-data-path "${2}_loss_mask_document"
+             --seq-length "$T" --segment-length "$S" --retrieval-length "$R" --head-plan-file "$3"
+             --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
+}
+segmented "$RUN/full" "$RUN/c" "$RUN/plan.json"
 python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
   --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
 ALIGNED="$RUN/aligned"; FULL="$RUN/full"; EVAL_PLAN="$RUN/plan.json"; LAST_ITERS="$ITERS_C"
@@ -91,9 +94,7 @@ if [[ -n "${SPLIT:-}" ]]; then
   python tools/split_kv_groups.py "$RUN/full" "$RUN/full_split" --kv-groups "$SPLIT"
   python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c2" --documents "${DOCS_SPLIT:-$((ITERS_SPLIT * 32))}" \
     --length "$T" --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 5
-  SEGMENTED=(--pretrained-checkpoint "$RUN/split" --data-path "$RUN/c2_text_document"
-             --loss-mask-data-path "$RUN/c2_loss_mask_document" --seq-length "$T" --segment-length "$S"
-             --retrieval-length "$R" --head-plan-file "$RUN/plan_split.json" --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
+  segmented "$RUN/split" "$RUN/c2" "$RUN/plan_split.json"
   python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
     --train-iters "$ITERS_SPLIT" --save "$RUN/aligned_split" --save-interval "$ITERS_SPLIT"
   ALIGNED="$RUN/aligned_split"; FULL="$RUN/full_split"; EVAL_PLAN="$RUN/plan_split.json"; LAST_ITERS="$ITERS_SPLIT"
