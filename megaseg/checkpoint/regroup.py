@@ -6,7 +6,7 @@ num_heads / G' query heads) keeps every query head reading exactly the keys and 
 read before, so the split model computes the same function under full attention and for
 every `local` or `segment` group. What changes is the head plan's grain: each copy has its
 own mode, so one copy of a group can keep a retrieval pool while the others keep only the
-carried tail (docs/semantics.md §3). A `retrieval` copy selects its prefix with the summed
+carried tail (docs/semantics.md §2). A `retrieval` copy selects its prefix with the summed
 scores of *its* query heads only, so a retrieval group does not select as the unsplit group
 did: continued pretraining under the new plan is what makes the split model use it.
 
