@@ -9,7 +9,8 @@ accuracy of every answer (teacher forced argmax), and for the answers whose need
 beyond the segment and the carried tail, the accuracy there and the share whose needle the
 operator's retrieval actually picked (per retrieval head and for any of them), with the
 correct/wrong x retrieved/not retrieved table, and the same for the needle span (a picked
-token of the needle from its value on, which can carry the value). Datasets are ``--output-prefix`` values of
+token of the needle from its value on, which can carry the value), and the share of the
+picks inside the document's needles. Datasets are ``--output-prefix`` values of
 ``tools/make_recall_data.py``. Modes:
 
 * ``own``: the checkpoint's segment settings and head plan;
@@ -166,7 +167,7 @@ def _line(row: dict) -> str:
             f"retrieved/not {t['correct_retrieved']}/{t['correct_not_retrieved']}/{t['wrong_retrieved']}/"
             f"{t['wrong_not_retrieved']} | span hit rate {_fmt(row['span_hit_rate'])}: "
             f"{u['correct_retrieved']}/{u['correct_not_retrieved']}/{u['wrong_retrieved']}/{u['wrong_not_retrieved']} | "
-            f"state {row['state_mib']:.2f} MiB")
+            f"needle share of picks {_fmt(row.get('needle_share', float('nan')))} | state {row['state_mib']:.2f} MiB")
 
 
 def _jsonable(x):

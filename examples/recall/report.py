@@ -63,17 +63,20 @@ def _pairs(row: dict) -> int:
 
 
 def capacity_table(rows: list[dict]) -> str:
-    """MQAR accuracy (retrieval hit rate of the queried values) per number of pairs and mode."""
+    """MQAR accuracy (retrieval hit rate of the queried values; share of the picks in the pairs
+    block) per number of pairs and mode."""
     arms = list(dict.fromkeys((r["checkpoint"], r["mode"]) for r in rows))
     cells = {(r["checkpoint"], r["mode"], _pairs(r)): r for r in rows}
     pairs = sorted({_pairs(r) for r in rows})
-    out = ["MQAR accuracy (hit rate: the queried value among the retrieved tokens) vs key-value pairs", "",
+    out = ["MQAR accuracy (hit rate: the queried value among the retrieved tokens; needle share: the share of the "
+           "retrieved tokens in the pairs block) vs key-value pairs", "",
            "| pairs (2P tokens) | " + " | ".join(f"{c} / {m}" for c, m in arms) + " |", "|---|" + "---|" * len(arms)]
     for p in pairs:
         parts = []
         for c, m in arms:
             r = cells.get((c, m, p))
-            parts.append("" if r is None else f"{_fmt(r['accuracy'])} ({_fmt(r['hit_rate'])})")
+            parts.append("" if r is None else
+                         f"{_fmt(r['accuracy'])} ({_fmt(r['hit_rate'])}; {_fmt(r.get('needle_share'))})")
         out.append(f"| {p} ({2 * p}) | " + " | ".join(parts) + " |")
     return "\n".join(out)
 

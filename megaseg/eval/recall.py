@@ -17,7 +17,11 @@ document:
   picked. A retrieval head reads a picked token's key and value at its layer, and below
   that layer every token has already attended to the tokens before it, so a picked token
   after the value can carry the value (in a 2-layer model, layer 0 writes it into the
-  following tokens). Tokens before the value cannot.
+  following tokens). Tokens before the value cannot;
+* **needle share of picks**: of each retrieval head's R picks at that segment, the share
+  inside the document's target needles (for MQAR the whole block of pairs). It tells a
+  prefix too small for the needles (share near 1, hit rate below 1) from a selection that
+  spends the prefix on the haystack (share low).
 
 So a failure reads as "never retrieved" (selection) or "retrieved but not used" (the
 attention over the prefix), and a success outside the local reach shows which head carried it.
@@ -56,6 +60,9 @@ class RecallDocument:
     task: str
     gap_segments: int | None
     answers: list[Answer]
+    # [start, end) of every target needle (for MQAR: the whole block of pairs); where a
+    # retrieval head's picks should fall
+    needles: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _needle_fields(record: dict) -> list[dict]:
@@ -111,7 +118,8 @@ def load_recall_documents(prefix: str | Path, limit: int | None = None) -> list[
             if record.get("task") == "haystack":
                 continue
             ids = indexed[record["doc"]].tolist()
-            docs.append(RecallDocument(ids, record["task"], record.get("gap_segments"), answers_of(record)))
+            needles = [(n["start"], n["end"]) for n in record.get("needles") or [] if n.get("role") == "target"]
+            docs.append(RecallDocument(ids, record["task"], record.get("gap_segments"), answers_of(record), needles))
     return docs
 
 
@@ -130,6 +138,9 @@ class RecallResult:
     table: dict[str, int] = field(default_factory=dict)
     span_hit_rate: float = float("nan")  # of answers outside reach: a token of the needle span retrieved
     span_table: dict[str, int] = field(default_factory=dict)  # correct/wrong x span retrieved/not
+    # of answers outside reach, mean over them and the retrieval heads: the share of a head's
+    # picks that lie in the document's target needles (1.0: it picked nothing else)
+    needle_share: float = float("nan")
     # attention state (KV caches, tails, retrieved prefixes, pools) held between chunks when the
     # longest document streams through the mode, counted from the tensors (MiB)
     state_mib: float = float("nan")
@@ -152,6 +163,7 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
     if not documents:
         raise ConfigError("no recall documents to evaluate")
     correct = total = outside = outside_correct = hits = span_hits = 0
+    share_sum, share_n = 0.0, 0
     per_head: dict[str, int] = defaultdict(int)
     table = {"correct_retrieved": 0, "correct_not_retrieved": 0, "wrong_retrieved": 0, "wrong_not_retrieved": 0}
     span_table = dict.fromkeys(table, 0)
@@ -189,8 +201,12 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
                 outside += 1
                 outside_correct += ok
                 got = span_got = False
+                in_needles = {p for a, b in doc.needles for p in range(a, b)}
                 for (layer, group), by_segment in picks.items():
                     chosen = by_segment.get(producing, set())
+                    if chosen and doc.needles:
+                        share_sum += len(chosen & in_needles) / len(chosen)
+                        share_n += 1
                     if all(p in chosen for p in ans.needle):
                         per_head[f"layer{layer}_group{group}"] += 1
                         got = True
@@ -209,4 +225,5 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
         hit_rate=hits / outside if outside else float("nan"),
         hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table,
         span_hit_rate=span_hits / outside if outside else float("nan"), span_table=span_table,
+        needle_share=share_sum / share_n if share_n else float("nan"),
         state_mib=state / MIB)

@@ -41,7 +41,7 @@ def _document():
     ids = torch.randint(0, 20, (40,), generator=g).tolist()  # 5 segments of 8
     ids[3:5] = NEEDLE  # in segment 0
     ids[33:35] = NEEDLE  # the answer, produced in segment 4 (positions 32, 33): 3 segments later
-    return RecallDocument(ids, "planted", 3, [Answer(33, 35, [3, 4])])
+    return RecallDocument(ids, "planted", 3, [Answer(33, 35, [3, 4])], needles=[(3, 5)])
 
 
 @pytest.mark.parametrize("sign, expected", [(1.0, 1.0), (-1.0, 0.0)])
@@ -51,6 +51,7 @@ def test_hit_rate_is_read_from_the_operators_picks(sign, expected):
     assert result.answers == 1 and result.outside_reach == 1
     assert result.hit_rate == expected
     assert result.hit_rate_per_head == {"layer0_group1": expected}
+    assert result.needle_share == expected  # R = 2 picks: both the needle's, or neither
     assert sum(result.table.values()) == 1
     assert result.table[("correct" if result.accuracy else "wrong") + ("_retrieved" if expected else "_not_retrieved")] == 1
 
@@ -64,6 +65,18 @@ def test_span_hit_rate_counts_a_picked_token_from_the_value_on(sign, span, expec
     result = recall_accuracy(model, InferenceMode("megaseg"), [doc])
     assert result.hit_rate == 0.0 and result.span_hit_rate == expected
     assert sum(result.span_table.values()) == 1
+
+
+def test_needle_share_counts_the_picks_inside_any_target_needle():
+    """Of the R = 2 picks (positions 3 and 4), one lies in a needle [4, 6): share 0.5; with no
+    needle recorded the share is undefined."""
+    model = _planted_model(1.0)
+    doc = _document()
+    doc.needles = [(4, 6), (20, 22)]
+    assert recall_accuracy(model, InferenceMode("megaseg"), [doc]).needle_share == 0.5
+    doc.needles = []
+    share = recall_accuracy(model, InferenceMode("megaseg"), [doc]).needle_share
+    assert share != share
 
 
 def test_an_answer_within_the_tail_needs_no_retrieval():
@@ -92,6 +105,7 @@ def test_recall_documents_tie_every_answer_to_its_needle(small_data, tmp_path):
             # the answer copies the needle's value tokens
             assert [doc.ids[p] for p in ans.needle] == doc.ids[ans.start : ans.end][: len(ans.needle)]
             assert max(ans.needle) < ans.start
+            assert any(a <= min(ans.needle) and max(ans.needle) < b for a, b in doc.needles)
             if doc.task != "mqar":  # the span starts at the value's first occurrence, inside its needle
                 assert ans.span[0] <= min(ans.needle) and ans.span[1] > ans.span[0]
                 assert doc.ids[ans.span[0]] == doc.ids[ans.needle[0]]
@@ -140,6 +154,7 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
     own = rows[0]
     assert own["answers"] == 16 and own["outside_reach"] == 16  # gap 2 > the 16-token tail
     assert set(own["hit_rate_per_head"]) == {"layer1_group0"} and 0.0 <= own["hit_rate"] <= 1.0
+    assert 0.0 <= own["needle_share"] <= 1.0 and rows[1]["needle_share"] is None  # no retrieval head: no picks
     assert rows[1]["hit_rate_per_head"] == {} and rows[1]["outside_reach"] == 16 and rows[1]["hit_rate"] == 0.0
     assert rows[2]["outside_reach"] == 0 and rows[4]["length"] == 256
     with pytest.raises(SystemExit) as info:
