@@ -16,6 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN="${RUN:-runs/recall_capacity}"
+# THREADS: CPU threads of every step. The thread count decides the order of float sums: a rerun of
+# (a) with the same THREADS gave bitwise the same weights, one with another count other weights
+export OMP_NUM_THREADS="${THREADS:-2}"
 TOK="${TOK:-data/default/tokenizer.model}"
 CORPUS="${CORPUS:-examples/recall/filler.txt}"
 EVAL_CORPUS="${EVAL_CORPUS:-examples/recall/filler_long.txt}"

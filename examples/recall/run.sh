@@ -23,6 +23,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN="${RUN:-runs/recall}"
+# THREADS: CPU threads of every step. The thread count decides the order of float sums: a rerun of
+# (a) with the same THREADS gave bitwise the same weights, one with another count other weights
+export OMP_NUM_THREADS="${THREADS:-2}"
 TOK="${TOK:-data/default/tokenizer.model}"
 # The haystack: RULER's pass-key filler (repeated sentences), in which no pass key occurs, so
 # finding the key is a lookup by content; CORPUS=stdlib plants it in natural text instead.
