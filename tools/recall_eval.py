@@ -167,7 +167,7 @@ def _line(row: dict) -> str:
             f"retrieved/not {t['correct_retrieved']}/{t['correct_not_retrieved']}/{t['wrong_retrieved']}/"
             f"{t['wrong_not_retrieved']} | span hit rate {_fmt(row['span_hit_rate'])}: "
             f"{u['correct_retrieved']}/{u['correct_not_retrieved']}/{u['wrong_retrieved']}/{u['wrong_not_retrieved']} | "
-            f"needle share of picks {_fmt(row.get('needle_share', float('nan')))} | state {row['state_mib']:.2f} MiB")
+            f"needle share of picks {_fmt(row['needle_share'])} | state {row['state_mib']:.2f} MiB")
 
 
 def _jsonable(x):

@@ -188,6 +188,7 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
                 picks = _picked(rec)
             else:  # window and full modes stream in chunks: no score matrix over the whole document
                 pred = run_sequence(model, doc.ids, chunk).argmax
+            in_needles = {p for a, b in doc.needles for p in range(a, b)}
             for ans in doc.answers:
                 ok = bool((pred[ans.start - 1 : ans.end - 1] == ids[0, ans.start : ans.end]).all())
                 total += 1
@@ -201,7 +202,6 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
                 outside += 1
                 outside_correct += ok
                 got = span_got = False
-                in_needles = {p for a, b in doc.needles for p in range(a, b)}
                 for (layer, group), by_segment in picks.items():
                     chosen = by_segment.get(producing, set())
                     if chosen and doc.needles:
