@@ -37,6 +37,7 @@ S="${S:-128}"; M="${M:-32}"; R="${R:-64}"   # (c): segments, carried tail, retri
 T="${T:-512}"                      # (c): training length, 4 segments
 ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_SPLIT="${ITERS_SPLIT:-400}"
 LR_C="${LR_C:-1e-3}"; MIN_LR_C="${MIN_LR_C:-1e-4}"   # (c) and the arms: peak and final learning rate
+SEED_A="${SEED_A:-1234}"           # (a): the run seed (its initialisation and the order of its documents)
 SEED_C="${SEED_C:-1234}"           # (c) and the arms: the run seed (the order of (c)'s documents)
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
@@ -64,7 +65,7 @@ python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/a" --documen
 python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a_text_document" \
   --loss-mask-data-path "$RUN/a_loss_mask_document" --tokenizer-model "$TOK" \
   --seq-length "$S0" --segment-length "$S0" --tail-length 0 --retrieval-length 0 --num-long-range-heads 0 \
-  --train-iters "$ITERS_A" --save "$RUN/full" --save-interval "$ITERS_A"
+  --train-iters "$ITERS_A" --seed "$SEED_A" --save "$RUN/full" --save-interval "$ITERS_A"
 
 echo "== (b) one long-range head in layer 1, calibrated on (a) with (c)'s documents (scored on their answers)"
 python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
