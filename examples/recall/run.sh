@@ -17,7 +17,7 @@
 #   LAYERS=3 KV_GROUPS=2 examples/recall/run.sh   # other model shapes (also HEADS, HEAD_DIM): the variants of docs/benchmarks/recall.md
 #   SEED_C=7 LR_C=5e-4 MIN_LR_C=5e-5 examples/recall/run.sh   # (c) with another document order or learning rate
 #   SEED_A=12 KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # another (a): the base decides
-#       whether (c) learns to read the value (docs/benchmarks/recall.md, "What decides the draw")
+#       whether (c) learns to read the prefix (seed 12: 0.98 at 1x, at most 0.08 beyond; docs/benchmarks/recall.md)
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json SPLIT=4 examples/recall/run.sh   # then (c'): (c)'s KV
 #       groups split into 4 (tools/split_kv_groups.py), one copy of the retrieval group kept as retrieval, and
 #       ITERS_SPLIT more steps of segmented pretraining on new documents; (d) and the arms run on that model
