@@ -167,7 +167,15 @@ def _line(row: dict) -> str:
             f"retrieved/not {t['correct_retrieved']}/{t['correct_not_retrieved']}/{t['wrong_retrieved']}/"
             f"{t['wrong_not_retrieved']} | span hit rate {_fmt(row['span_hit_rate'])}: "
             f"{u['correct_retrieved']}/{u['correct_not_retrieved']}/{u['wrong_retrieved']}/{u['wrong_not_retrieved']} | "
-            f"needle share of picks {_fmt(row['needle_share'])} | state {row['state_mib']:.2f} MiB")
+            f"needle share of picks {_fmt(row['needle_share'])} | state {row['state_mib']:.2f} MiB"
+            + _bins(" | by depth", row.get("depth_accuracy")) + _bins(" | by prefix position", row.get("prefix_position_accuracy")))
+
+
+def _bins(title: str, bins: dict | None) -> str:
+    """' | by depth 0-25% 3/4 ...': correct/answers per quarter, empty where nothing was counted."""
+    if not bins or not any(n for _, n in bins.values()):
+        return ""
+    return title + " " + " ".join(f"{q} {c}/{n}" for q, (c, n) in bins.items())
 
 
 def _jsonable(x):

@@ -18,6 +18,13 @@ document:
   that layer every token has already attended to the tokens before it, so a picked token
   after the value can carry the value (in a 2-layer model, layer 0 writes it into the
   following tokens). Tokens before the value cannot;
+* **by depth**: the same answers binned by where the needle lies in the document (its first
+  value token over the document's length, in quarters), correct over counted per bin; and
+  binned by where the needle sits in the retrieved prefix (the index of its first picked span
+  token among a head's R picks in their original order, in quarters of R): the prefix's
+  RoPE positions are that index, so a model that learned to read a fixed part of the prefix
+  (e.g. at a training length where the needle always lies in the first segments) fails in
+  the other bins;
 * **needle share of picks**: of each retrieval head's R picks at that segment, the share
   inside the document's target needles (for MQAR the whole block of pairs). It tells a
   prefix too small for the needles (share near 1, hit rate below 1) from a selection that
@@ -144,6 +151,19 @@ class RecallResult:
     # attention state (KV caches, tails, retrieved prefixes, pools) held between chunks when the
     # longest document streams through the mode, counted from the tensors (MiB)
     state_mib: float = float("nan")
+    # answers outside reach per quarter of the document the needle's value starts in:
+    # bin -> [correct, answers]
+    depth_accuracy: dict[str, list[int]] = field(default_factory=dict)
+    # answers whose span a retrieval head picked, per quarter of R the first picked span token
+    # sits at among that head's picks in their original order (its RoPE position in the prefix)
+    prefix_position_accuracy: dict[str, list[int]] = field(default_factory=dict)
+
+
+QUARTERS = ("0-25%", "25-50%", "50-75%", "75-100%")
+
+
+def _quarter(x: float) -> str:
+    return QUARTERS[min(3, max(0, int(x * 4)))]
 
 
 def _picked(rec: stats.SegmentStats, batch_row: int = 0) -> dict[tuple[int, int], dict[int, set[int]]]:
@@ -167,6 +187,8 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
     per_head: dict[str, int] = defaultdict(int)
     table = {"correct_retrieved": 0, "correct_not_retrieved": 0, "wrong_retrieved": 0, "wrong_not_retrieved": 0}
     span_table = dict.fromkeys(table, 0)
+    by_depth = {q: [0, 0] for q in QUARTERS}
+    by_prefix = {q: [0, 0] for q in QUARTERS}
     length = max(len(d.ids) for d in documents)
     with installed(model, mode) as model:
         cfg = model.config
@@ -202,6 +224,7 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
                 outside += 1
                 outside_correct += ok
                 got = span_got = False
+                at = None  # quarter of R the needle span's first pick sits at, in the first head that picked it
                 for (layer, group), by_segment in picks.items():
                     chosen = by_segment.get(producing, set())
                     if chosen and doc.needles:
@@ -210,9 +233,19 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
                     if all(p in chosen for p in ans.needle):
                         per_head[f"layer{layer}_group{group}"] += 1
                         got = True
+                    in_span = [i for i, p in enumerate(sorted(chosen))
+                               if (ans.span is not None and ans.span[0] <= p < ans.span[1]) or p in ans.needle]
                     if ans.span is not None and any(p in chosen for p in range(*ans.span)):
                         span_got = True
+                    if in_span and at is None:
+                        at = _quarter(in_span[0] / len(chosen))
                 span_got = span_got or got
+                quarter = by_depth[_quarter(min(ans.needle) / len(doc.ids))]
+                quarter[0] += ok
+                quarter[1] += 1
+                if at is not None:
+                    by_prefix[at][0] += ok
+                    by_prefix[at][1] += 1
                 hits += got
                 span_hits += span_got
                 table[f"{'correct' if ok else 'wrong'}_{'retrieved' if got else 'not_retrieved'}"] += 1
@@ -226,4 +259,5 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
         hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table,
         span_hit_rate=span_hits / outside if outside else float("nan"), span_table=span_table,
         needle_share=share_sum / share_n if share_n else float("nan"),
-        state_mib=state / MIB)
+        state_mib=state / MIB,
+        depth_accuracy=by_depth if outside else {}, prefix_position_accuracy=by_prefix if outside else {})

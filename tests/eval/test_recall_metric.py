@@ -173,3 +173,19 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
     assert sum(m == "retrieval" for row in json.loads(calibrated.read_text()) for m in row) == 1
     plan.write_text(json.dumps([["local", "retrieval"]]))  # one layer for a 2-layer model
     assert recall_eval.main(argv + ["--mode", f"bad=32:8:8:@{plan}"]) == 2
+
+
+@pytest.mark.parametrize("needle, span, at", [([3], (3, 5), "0-25%"), ([4], (4, 5), "50-75%")])
+def test_depth_and_prefix_position_bins(needle, span, at):
+    """The R = 2 picks are positions 3 and 4 in that order: a needle starting at 3 sits at
+    index 0 of the prefix, one at 4 at index 1 (half of R); both lie in the document's first
+    quarter (4 / 40). With the needle not pickable, only the depth bin counts."""
+    doc = _document()
+    doc.answers = [Answer(33, 34, needle, span)]
+    result = recall_accuracy(_planted_model(1.0), InferenceMode("megaseg"), [doc])
+    ok = int(result.accuracy)
+    assert result.depth_accuracy == {"0-25%": [ok, 1], "25-50%": [0, 0], "50-75%": [0, 0], "75-100%": [0, 0]}
+    assert result.prefix_position_accuracy == {q: ([ok, 1] if q == at else [0, 0]) for q in result.depth_accuracy}
+    missed = recall_accuracy(_planted_model(-1.0), InferenceMode("megaseg"), [doc])
+    assert missed.depth_accuracy["0-25%"] == [int(missed.accuracy), 1]
+    assert all(n == 0 for _, n in missed.prefix_position_accuracy.values())
