@@ -41,6 +41,8 @@ ITERS_A="${ITERS_A:-600}"; ITERS_C="${ITERS_C:-1200}"; ITERS_SPLIT="${ITERS_SPLI
 LR_C="${LR_C:-1e-3}"; MIN_LR_C="${MIN_LR_C:-1e-4}"   # (c) and the arms: peak and final learning rate
 SEED_A="${SEED_A:-1234}"           # (a): the run seed (its initialisation and the order of its documents)
 SEED_C="${SEED_C:-1234}"           # (c) and the arms: the run seed (the order of (c)'s documents)
+BATCH_C="${BATCH_C:-32}"           # (c), (c') and the arms: documents per step (the same tokens per step at T=1024 with 16)
+GAP_C_MIN="${GAP_C_MIN:-2}"; GAP_C_MAX="${GAP_C_MAX:-3}"   # (c), (c'): segment boundaries between needle and question
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
 SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
@@ -71,7 +73,7 @@ python pretrain/pretrain_gpt.py "${MODEL[@]}" "${COMMON[@]}" --data-path "$RUN/a
 
 echo "== (b) one long-range head in layer 1, calibrated on (a) with (c)'s documents (scored on their answers)"
 python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c" --documents "$DOCS" --length "$T" \
-  --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 2
+  --segment-length "$S" --min-gap-segments "$GAP_C_MIN" --max-gap-segments "$GAP_C_MAX" --loss-mask --seed 2
 if [[ -n "${PLAN:-}" ]]; then
   cp "$PLAN" "$RUN/plan.json"
 else
@@ -83,7 +85,7 @@ echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, 
 segmented() {  # FROM DATA PLAN: the flags of (c), (c') and the arms (the tail and K are added per run)
   SEGMENTED=(--pretrained-checkpoint "$1" --data-path "${2}_text_document" --loss-mask-data-path "${2}_loss_mask_document"
              --seq-length "$T" --segment-length "$S" --retrieval-length "$R" --head-plan-file "$3"
-             --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C")
+             --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C" --micro-batch-size "$BATCH_C" --global-batch-size "$BATCH_C")
 }
 segmented "$RUN/full" "$RUN/c" "$RUN/plan.json"
 python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
@@ -99,7 +101,7 @@ if [[ -n "${SPLIT:-}" ]]; then
   # (a) split the same way (the same function under full attention): the misaligned arm and the baselines
   python tools/split_kv_groups.py "$RUN/full" "$RUN/full_split" --kv-groups "$SPLIT"
   python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c2" --documents "${DOCS_SPLIT:-$((ITERS_SPLIT * 32))}" \
-    --length "$T" --segment-length "$S" --min-gap-segments 2 --max-gap-segments 3 --loss-mask --seed 5
+    --length "$T" --segment-length "$S" --min-gap-segments "$GAP_C_MIN" --max-gap-segments "$GAP_C_MAX" --loss-mask --seed 5
   segmented "$RUN/split" "$RUN/c2" "$RUN/plan_split.json"
   python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
     --train-iters "$ITERS_SPLIT" --save "$RUN/aligned_split" --save-interval "$ITERS_SPLIT"
