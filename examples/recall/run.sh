@@ -18,6 +18,10 @@
 #   SEED_C=7 LR_C=5e-4 MIN_LR_C=5e-5 examples/recall/run.sh   # (c) with another document order or learning rate
 #   SEED_A=12 KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # another (a): the base decides
 #       whether (c) learns to read the prefix (seed 12: 0.98 at 1x, at most 0.08 beyond; docs/benchmarks/recall.md)
+#   SEED_A=12 KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json T=1024 BATCH_C=16 GAP_C_MAX=7 \
+#     LENGTHS="1024 2048 4096 8192 16384" SHORT="1024 2048" examples/recall/run.sh   # (c) on 1024-token documents, the
+#       needle 2-7 segments back (the same tokens per step): the same base answers 0.73-0.79 at every length, its
+#       failures never retrieved (docs/benchmarks/recall.md); (c) takes about 46 min here
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json SPLIT=4 examples/recall/run.sh   # then (c'): (c)'s KV
 #       groups split into 4 (tools/split_kv_groups.py), one copy of the retrieval group kept as retrieval, and
 #       ITERS_SPLIT more steps of segmented pretraining on new documents; (d) and the arms run on that model
