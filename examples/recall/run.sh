@@ -47,6 +47,9 @@ SEED_A="${SEED_A:-1234}"           # (a): the run seed (its initialisation and t
 SEED_C="${SEED_C:-1234}"           # (c) and the arms: the run seed (the order of (c)'s documents)
 BATCH_C="${BATCH_C:-32}"           # (c), (c') and the arms: documents per step (the same tokens per step at T=1024 with 16)
 GAP_C_MIN="${GAP_C_MIN:-2}"; GAP_C_MAX="${GAP_C_MAX:-3}"   # (c), (c'): segment boundaries between needle and question
+# FREEZE_QK=1: (c), (c') and the arms keep the retrieval groups' query and key projections at their starting values
+# (--freeze-retrieval-qk), so the selection stays the one (a) learned under full attention
+FREEZE=(); [[ -n "${FREEZE_QK:-}" ]] && FREEZE=(--freeze-retrieval-qk)
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
 SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
@@ -89,7 +92,8 @@ echo "== (c) segmented continued pretraining from (a): S=$S M=$M R=$R, TBPTT-1, 
 segmented() {  # FROM DATA PLAN: the flags of (c), (c') and the arms (the tail and K are added per run)
   SEGMENTED=(--pretrained-checkpoint "$1" --data-path "${2}_text_document" --loss-mask-data-path "${2}_loss_mask_document"
              --seq-length "$T" --segment-length "$S" --retrieval-length "$R" --head-plan-file "$3"
-             --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C" --micro-batch-size "$BATCH_C" --global-batch-size "$BATCH_C")
+             --lr "$LR_C" --min-lr "$MIN_LR_C" --seed "$SEED_C" --micro-batch-size "$BATCH_C" --global-batch-size "$BATCH_C"
+             "${FREEZE[@]}")
 }
 segmented "$RUN/full" "$RUN/c" "$RUN/plan.json"
 python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \

@@ -99,6 +99,10 @@ class PretrainConfig:
     clip_grad: float = _f(1.0, "clip the global grad norm to this (0 = off)", "training")
     bf16: bool | None = _f(None, "bf16 autocast (default: on where the hardware supports it, CUDA only)", "training")
     seed: int = _f(1234, "random seed", "training")
+    freeze_retrieval_qk: bool = _f(
+        False, "keep the query and key projections of every retrieval KV group at the values the run starts "
+        "from (the pretrained weights): the retrieval selection scores stay the base model's while everything "
+        "else trains (retrieval is forward-only, so nothing trains the selection itself)", "training")
     max_consecutive_skipped_steps: int = _f(
         5, "a step with a non-finite loss or grad norm is skipped (no update); stop after this many in a row "
         "(0 = stop at the first)", "training")
@@ -282,6 +286,9 @@ class PretrainConfig:
         if self.reset_attention_mask and self.deepspeed:
             _fail("reset_attention_mask", True, "is not supported with deepspeed=True yet (untested there); use "
                   "megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
+        if self.freeze_retrieval_qk and self.deepspeed:
+            _fail("freeze_retrieval_qk", True, "is not supported with deepspeed=True: DeepSpeed owns the gradients "
+                  "and the update; use megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
         if self.keep_last_n < 0:
             _fail("keep_last_n", self.keep_last_n, "must be >= 0 (0 = keep every checkpoint)")
         if self.reset_position_ids != self.reset_attention_mask:

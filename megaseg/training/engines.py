@@ -44,6 +44,7 @@ class StepEngine:
 
     name = "engine"
     supports_segment_stats = False
+    frozen = None  # megaseg.training.freeze.FrozenRows with --freeze-retrieval-qk
 
     def __init__(self, model, cfg, bf16: bool, net=None):
         self.model, self.cfg, self.bf16 = model, cfg, bf16
@@ -175,6 +176,10 @@ def select_engine(cfg, model, bf16: bool, segment_forward=None) -> StepEngine:
         engine = ChunkEngine(model, cfg, bf16, net)
     else:
         engine = SequentialEngine(model, cfg, bf16, net, segment_forward=segment_forward)
+    if cfg.freeze_retrieval_qk:
+        from megaseg.training.freeze import FrozenRows
+
+        engine.frozen = FrozenRows(model, cfg.model_config(cfg.vocab_size or 32))
     return DeepSpeedEngine(engine) if cfg.deepspeed else engine
 
 
@@ -201,8 +206,13 @@ def train_step(engine: StepEngine, optimizer, scheduler, microbatches, record_st
     optimizer.zero_grad()
     result = engine.forward_backward(microbatches, record_stats=record_stats and engine.supports_segment_stats)
     lr = current_lr(optimizer)  # the rate this step applies (the scheduler then moves on)
+    frozen = engine.frozen
     if engine.reduce_gradients(math.isfinite(result.loss_sum)):
+        if frozen is not None:
+            frozen.zero_grads()
         update_successful, grad_norm, _ = optimizer.step()
+        if frozen is not None:
+            frozen.restore()
     else:
         update_successful, grad_norm = False, None
     if update_successful:

@@ -196,6 +196,8 @@ def _start(cfg, model_config, out, initial_weights, hf_fields) -> _Run:
         say(f"initialised from the pretrained weights of {cfg.pretrained_checkpoint or 'the caller'}; "
             "optimizer and learning-rate schedule start fresh")
     say(_startup_line(cfg, model_config, model, engine, bf16, num_micro))
+    if engine.frozen is not None:
+        say(engine.frozen.describe())
     wants_stats = monitor.writer is not None and bool(cfg.log_segment_stats_interval)
     if wants_stats and not engine.supports_segment_stats:
         say(f"note: segment statistics (--log-segment-stats-interval) are not recorded by the {engine.name} "
