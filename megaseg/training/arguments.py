@@ -103,6 +103,10 @@ class PretrainConfig:
         False, "keep the query and key projections of every retrieval KV group at the values the run starts "
         "from (the pretrained weights): the retrieval selection scores stay the base model's while everything "
         "else trains (retrieval is forward-only, so nothing trains the selection itself)", "training")
+    freeze_params: list[str] = _f(
+        [], "parameters kept at the values the run starts from: shell-style patterns over megatron-core parameter "
+        "names with global layer numbers, e.g. 'embedding.*' 'decoder.layers.0.*' "
+        "'decoder.layers.1.input_layernorm.*'", "training")
     max_consecutive_skipped_steps: int = _f(
         5, "a step with a non-finite loss or grad norm is skipped (no update); stop after this many in a row "
         "(0 = stop at the first)", "training")
@@ -286,6 +290,9 @@ class PretrainConfig:
         if self.reset_attention_mask and self.deepspeed:
             _fail("reset_attention_mask", True, "is not supported with deepspeed=True yet (untested there); use "
                   "megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
+        if self.freeze_params and self.deepspeed:
+            _fail("freeze_params", self.freeze_params, "is not supported with deepspeed=True: DeepSpeed owns the "
+                  "gradients and the update; use megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
         if self.freeze_retrieval_qk and self.deepspeed:
             _fail("freeze_retrieval_qk", True, "is not supported with deepspeed=True: DeepSpeed owns the gradients "
                   "and the update; use megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")

@@ -44,7 +44,7 @@ class StepEngine:
 
     name = "engine"
     supports_segment_stats = False
-    frozen = None  # megaseg.training.freeze.FrozenRows with --freeze-retrieval-qk
+    frozen = None  # megaseg.training.freeze.FrozenRows with --freeze-retrieval-qk / --freeze-params
 
     def __init__(self, model, cfg, bf16: bool, net=None):
         self.model, self.cfg, self.bf16 = model, cfg, bf16
@@ -176,10 +176,11 @@ def select_engine(cfg, model, bf16: bool, segment_forward=None) -> StepEngine:
         engine = ChunkEngine(model, cfg, bf16, net)
     else:
         engine = SequentialEngine(model, cfg, bf16, net, segment_forward=segment_forward)
-    if cfg.freeze_retrieval_qk:
+    if cfg.freeze_retrieval_qk or cfg.freeze_params:
         from megaseg.training.freeze import FrozenRows
 
-        engine.frozen = FrozenRows(model, cfg.model_config(cfg.vocab_size or 32))
+        engine.frozen = FrozenRows(model, cfg.model_config(cfg.vocab_size or 32), cfg.freeze_retrieval_qk,
+                                   cfg.freeze_params)
     return DeepSpeedEngine(engine) if cfg.deepspeed else engine
 
 
