@@ -22,6 +22,11 @@
 #     LENGTHS="1024 2048 4096 8192 16384" SHORT="1024 2048" examples/recall/run.sh   # (c) on 1024-token documents, the
 #       needle 2-7 segments back (the same tokens per step): the same base answers 0.73-0.79 at every length, its
 #       failures never retrieved (docs/benchmarks/recall.md); (c) takes about 46 min here
+#   FREEZE_QK=1 KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # (c) with the retrieval
+#       group's query and key projections frozen: the selection drifts all the same (docs/benchmarks/recall.md)
+#   SEED_A=12 KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json ITERS_C=600 T2=1024 ITERS_C2=300 \
+#     LENGTHS="1024 2048 4096 8192 16384" SHORT="1024 2048" examples/recall/run.sh   # a length curriculum: (c) at 512
+#       tokens, then (c2) at 1024 (docs/benchmarks/recall.md)
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json SPLIT=4 examples/recall/run.sh   # then (c'): (c)'s KV
 #       groups split into 4 (tools/split_kv_groups.py), one copy of the retrieval group kept as retrieval, and
 #       ITERS_SPLIT more steps of segmented pretraining on new documents; (d) and the arms run on that model
@@ -54,7 +59,8 @@ DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
 SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
 if [[ -n "${QUICK:-}" ]]; then
-  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; ITERS_SPLIT=3; ITERS_ARMS=2; DOCS_A=200; DOCS=200; EVAL_DOCS=4
+  S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; ITERS_C2=3; ITERS_SPLIT=3; ITERS_ARMS=2; DOCS_A=200; DOCS=200
+  DOCS_C2=200; EVAL_DOCS=4
   LENGTHS="256 512"; SHORT="256"; WARMUP=1
 fi
 [[ -f "$TOK" ]] || python tools/prepare_default_data.py
@@ -99,12 +105,25 @@ segmented "$RUN/full" "$RUN/c" "$RUN/plan.json"
 python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
   --train-iters "$ITERS_C" --save "$RUN/aligned" --save-interval "$ITERS_C"
 ALIGNED="$RUN/aligned"; FULL="$RUN/full"; EVAL_PLAN="$RUN/plan.json"; LAST_ITERS="$ITERS_C"
+if [[ -n "${T2:-}" ]]; then
+  # T2=L: a length curriculum: ITERS_C2 more steps from (c) on L-token documents, the needle 2 to L / S - 1 segment
+  # boundaries back, BATCH_C x T / L documents per step (the same tokens), lr LR_C2 -> MIN_LR_C2; L is then the
+  # training length of what follows ((c'), the arms, the held-out documents)
+  ITERS_C2="${ITERS_C2:-300}"; BATCH_C=$((BATCH_C * T / T2)); T="$T2"; LR_C="${LR_C2:-5e-4}"; MIN_LR_C="${MIN_LR_C2:-5e-5}"
+  echo "== (c2) $ITERS_C2 steps from (c) on $T-token documents, $BATCH_C per step"
+  python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c_$T" --documents "${DOCS_C2:-5000}" --length "$T" \
+    --segment-length "$S" --min-gap-segments 2 --max-gap-segments $((T / S - 1)) --loss-mask --seed 5
+  segmented "$RUN/aligned" "$RUN/c_$T" "$RUN/plan.json"
+  python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
+    --train-iters "$ITERS_C2" --save "$RUN/aligned_$T" --save-interval "$ITERS_C2"
+  ALIGNED="$RUN/aligned_$T"; LAST_ITERS="$ITERS_C2"
+fi
 if [[ -n "${SPLIT:-}" ]]; then
   # SPLIT=G: every KV group copied into G / KV_GROUPS groups; only the last copy of the retrieval group keeps its
   # pool (RETRIEVAL_COPIES), or SPLIT_PLAN=FILE gives the whole plan
   echo "== (c') (c) split into $SPLIT KV groups per layer, one retrieval copy: $ITERS_SPLIT steps on new documents"
   if [[ -n "${SPLIT_PLAN:-}" ]]; then PLAN_SPLIT=(--head-plan-file "$SPLIT_PLAN"); else PLAN_SPLIT=(--retrieval-copies "${RETRIEVAL_COPIES:-1}"); fi
-  python tools/split_kv_groups.py "$RUN/aligned" "$RUN/split" --kv-groups "$SPLIT" "${PLAN_SPLIT[@]}" \
+  python tools/split_kv_groups.py "$ALIGNED" "$RUN/split" --kv-groups "$SPLIT" "${PLAN_SPLIT[@]}" \
     --plan-output "$RUN/plan_split.json"
   # (a) split the same way (the same function under full attention): the misaligned arm and the baselines
   python tools/split_kv_groups.py "$RUN/full" "$RUN/full_split" --kv-groups "$SPLIT"
