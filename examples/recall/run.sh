@@ -109,13 +109,14 @@ if [[ -n "${T2:-}" ]]; then
   # T2=L: a length curriculum: ITERS_C2 more steps from (c) on L-token documents, the needle 2 to L / S - 1 segment
   # boundaries back, BATCH_C x T / L documents per step (the same tokens), lr LR_C2 -> MIN_LR_C2; L is then the
   # training length of what follows ((c'), the arms, the held-out documents)
-  ITERS_C2="${ITERS_C2:-300}"; BATCH_C=$((BATCH_C * T / T2)); T="$T2"; LR_C="${LR_C2:-5e-4}"; MIN_LR_C="${MIN_LR_C2:-5e-5}"
+  # ((c') then trains on documents of that length and those gaps too, drawn with another seed)
+  ITERS_C2="${ITERS_C2:-300}"; BATCH_C=$((BATCH_C * T / T2)); T="$T2"; GAP_C_MIN=2; GAP_C_MAX=$((T / S - 1)); SPLIT_SEED=6
   echo "== (c2) $ITERS_C2 steps from (c) on $T-token documents, $BATCH_C per step"
   python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c_$T" --documents "${DOCS_C2:-5000}" --length "$T" \
-    --segment-length "$S" --min-gap-segments 2 --max-gap-segments $((T / S - 1)) --loss-mask --seed 5
+    --segment-length "$S" --min-gap-segments "$GAP_C_MIN" --max-gap-segments "$GAP_C_MAX" --loss-mask --seed 5
   segmented "$RUN/aligned" "$RUN/c_$T" "$RUN/plan.json"
-  python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
-    --train-iters "$ITERS_C2" --save "$RUN/aligned_$T" --save-interval "$ITERS_C2"
+  python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --lr "${LR_C2:-5e-4}" --min-lr "${MIN_LR_C2:-5e-5}" \
+    --tail-length "$M" --tbptt-k 1 --train-iters "$ITERS_C2" --save "$RUN/aligned_$T" --save-interval "$ITERS_C2"
   ALIGNED="$RUN/aligned_$T"; LAST_ITERS="$ITERS_C2"
 fi
 if [[ -n "${SPLIT:-}" ]]; then
@@ -128,7 +129,7 @@ if [[ -n "${SPLIT:-}" ]]; then
   # (a) split the same way (the same function under full attention): the misaligned arm and the baselines
   python tools/split_kv_groups.py "$RUN/full" "$RUN/full_split" --kv-groups "$SPLIT"
   python tools/make_recall_data.py "${DATA[@]}" --output-prefix "$RUN/c2" --documents "${DOCS_SPLIT:-$((ITERS_SPLIT * 32))}" \
-    --length "$T" --segment-length "$S" --min-gap-segments "$GAP_C_MIN" --max-gap-segments "$GAP_C_MAX" --loss-mask --seed 5
+    --length "$T" --segment-length "$S" --min-gap-segments "$GAP_C_MIN" --max-gap-segments "$GAP_C_MAX" --loss-mask --seed "${SPLIT_SEED:-5}"
   segmented "$RUN/split" "$RUN/c2" "$RUN/plan_split.json"
   python pretrain/pretrain_gpt.py "${COMMON[@]}" "${SEGMENTED[@]}" --tail-length "$M" --tbptt-k 1 \
     --train-iters "$ITERS_SPLIT" --save "$RUN/aligned_split" --save-interval "$ITERS_SPLIT"

@@ -38,7 +38,8 @@ PRETRAIN = dict(
     seq_length=128, micro_batch_size=1, global_batch_size=8, train_iters=40, lr=1e-3, min_lr=1e-4,
     lr_decay_style="linear", lr_warmup_iters=3, lr_warmup_fraction=0.2, lr_warmup_init=1e-5, lr_decay_iters=30,
     weight_decay=0.05, optimizer="sgd", adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6, sgd_momentum=0.5,
-    clip_grad=0.5, bf16=False, seed=7, max_consecutive_skipped_steps=2,
+    clip_grad=0.5, bf16=False, seed=7, max_consecutive_skipped_steps=2, freeze_retrieval_qk=True,
+    freeze_params=["decoder.layers.0.*", "embedding.*"],
     tensor_model_parallel_size=2, pipeline_model_parallel_size=3, context_parallel_size=1, use_distributed_optimizer=True,
     deepspeed=False,
     deepspeed_config="ds.json", use_te=False, attention_kernel="sdpa",
@@ -55,7 +56,8 @@ PRETRAIN = dict(
 # DeepSpeed and context parallelism run one pipeline stage: their flags are covered by
 # variants with pipeline size 1.
 VARIANTS = {"pipeline": PRETRAIN, "deepspeed": {**PRETRAIN, "pipeline_model_parallel_size": 1, "deepspeed": True,
-                                                "reset_attention_mask": False, "reset_position_ids": False},
+                                                "reset_attention_mask": False, "reset_position_ids": False,
+                                                "freeze_retrieval_qk": False, "freeze_params": []},
             "context": {**PRETRAIN, "pipeline_model_parallel_size": 1, "context_parallel_size": 2,
                         "recompute_granularity": "selective", "recompute_method": None, "recompute_num_layers": None,
                         "recompute_modules": ["mlp"]}}
