@@ -115,6 +115,39 @@ def _check_prefixes(prefixes: Sequence[str]) -> None:
 _SPLIT_NAMES = ("train", "valid", "test")
 
 
+def drop_stale_index_caches(prefixes: Sequence[str], path_to_cache: str | Path | None = None) -> list[Path]:
+    """Delete megatron-core's cached sample indices of ``prefixes`` that are older than the
+    dataset files they were built from, and return what was deleted.
+
+    megatron-core keys its index cache (``<prefix>/cache/GPTDataset_indices`` by default, or
+    ``path_to_cache``) by the data path and the sampling settings, not by the data: a prefix
+    rewritten with other documents would silently be read through the old indices (the old
+    document count, order and lengths). Call it on one rank before the build.
+    """
+    import json
+
+    dirs = {Path(path_to_cache)} if path_to_cache else {Path(p) / "cache" / "GPTDataset_indices" for p in prefixes}
+    wanted = {os.path.normpath(p) for p in prefixes}
+    dropped = []
+    for directory in sorted(dirs):
+        for description in sorted(directory.glob("*-description.txt")):
+            try:
+                dataset_path = os.path.normpath(json.loads(description.read_text())["dataset_path"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if dataset_path not in wanted:
+                continue
+            data_files = [Path(dataset_path + ext) for ext in (".bin", ".idx")]
+            written = max((f.stat().st_mtime_ns for f in data_files if f.exists()), default=0)
+            base = description.name[: -len("description.txt")]
+            cached = [description, *(directory / f"{base}{kind}_index.npy" for kind in ("document", "sample", "shuffle"))]
+            if min(f.stat().st_mtime_ns for f in cached if f.exists()) < written:
+                for f in cached:
+                    f.unlink(missing_ok=True)
+                dropped.append(description)
+    return dropped
+
+
 def _suggest_split(documents: int, wanted: Sequence[bool]) -> str | None:
     """A split string giving each wanted split at least one of ``documents`` (train the rest)."""
     others = sum(wanted[1:])
@@ -214,6 +247,11 @@ def build_train_valid_datasets(
     _check_prefixes(prefixes)
     ensure_helpers()
     empty = _check_splits(prefixes, split, num_samples)
+    mask_prefixes = parse_blend(loss_mask_data)[0] if loss_mask_data is not None else []
+    if _first_rank():
+        for stale in drop_stale_index_caches([*prefixes, *mask_prefixes], path_to_cache):
+            print(f"dataset index cache {stale.name[: -len('-description.txt')]} in {stale.parent} is older than "
+                  "its data: rebuilt", flush=True)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
@@ -231,6 +269,12 @@ def build_train_valid_datasets(
         return GPTDatasets(*built)
     masks = _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples)
     return GPTDatasets(*(None if d is None else MaskedDataset(d, m) for d, m in zip(built, masks)))
+
+
+def _first_rank() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _gpt_config(prefixes, weights, tokenizer, seq_length, split, seed, path_to_cache, empty, *, eod_mask_loss,

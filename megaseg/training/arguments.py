@@ -162,7 +162,8 @@ class PretrainConfig:
         "(default: the pretrained checkpoint's, else the default dataset's)", "data")
     tokenizer_type: str | None = _f(None, "tokenizer kind (default: what --tokenizer-model holds)", "data",
                                     ("SentencePieceTokenizer", "HuggingFaceTokenizer"))
-    data_cache_path: str | None = _f(None, "where dataset index caches go (default: in memory, rebuilt each run)", "data")
+    data_cache_path: str | None = _f(None, "where dataset index caches go (default: PREFIX/cache/ of each dataset); "
+                                     "an index older than its dataset is rebuilt", "data")
 
     # ---- checkpointing ----------------------------------------------------------------------
     save: str | None = _f("runs/default/checkpoints", "checkpoint directory to save to ('none' = never)", "checkpointing")
@@ -290,12 +291,10 @@ class PretrainConfig:
         if self.reset_attention_mask and self.deepspeed:
             _fail("reset_attention_mask", True, "is not supported with deepspeed=True yet (untested there); use "
                   "megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
-        if self.freeze_params and self.deepspeed:
-            _fail("freeze_params", self.freeze_params, "is not supported with deepspeed=True: DeepSpeed owns the "
-                  "gradients and the update; use megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
-        if self.freeze_retrieval_qk and self.deepspeed:
-            _fail("freeze_retrieval_qk", True, "is not supported with deepspeed=True: DeepSpeed owns the gradients "
-                  "and the update; use megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
+        for name in ("freeze_params", "freeze_retrieval_qk"):
+            if getattr(self, name) and self.deepspeed:
+                _fail(name, getattr(self, name), "is not supported with deepspeed=True: DeepSpeed owns the gradients "
+                      "and the update; use megatron's optimizer (--use-distributed-optimizer for ZeRO-1)")
         if self.keep_last_n < 0:
             _fail("keep_last_n", self.keep_last_n, "must be >= 0 (0 = keep every checkpoint)")
         if self.reset_position_ids != self.reset_attention_mask:

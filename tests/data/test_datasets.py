@@ -186,3 +186,42 @@ def test_a_loss_mask_of_other_documents_is_refused(indexed, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="does not have the documents"):
         build_train_valid_datasets(prefixes["fwd"], tokenizer, seq_length=SEQ, num_samples=[5, 0, 0], split="1,0,0",
                                    seed=3, loss_mask_data=short)
+
+
+def _write_tokens(prefix, documents):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for doc in documents:
+        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+@pytest.mark.parametrize("own_cache", [False, True])
+def test_a_rewritten_dataset_is_read_through_new_indices_not_the_cached_ones(tokenizer, tmp_path, capsys, own_cache):
+    """megatron-core keys its cached sample indices by path and settings: a prefix rewritten with
+    other documents must not be sampled through the indices of the old ones."""
+    import os
+
+    from megaseg.data.datasets import drop_stale_index_caches
+
+    eod = tokenizer.eod
+    prefix = str(tmp_path / "data")
+    cache = str(tmp_path / "indices") if own_cache else None
+    build = lambda: build_train_valid_datasets(prefix, tokenizer, seq_length=SEQ, num_samples=[30, 0, 0],  # noqa: E731
+                                               split="1,0,0", seed=3, path_to_cache=cache).train
+    _write_tokens(prefix, [[5] * 40 + [eod] for _ in range(100)])
+    first = build()
+    assert {t for i in range(30) for t in first[i]["tokens"].tolist()} == {5, eod}
+    assert drop_stale_index_caches([prefix], cache) == []  # the indices are newer than the data: kept
+    _write_tokens(prefix, [[7] * 90 + [eod] for _ in range(150)])  # more and longer documents: old indices fit
+    later = os.stat(prefix + ".bin").st_mtime_ns + 10**10  # newer than the cache whatever the clock's grain
+    for ext in (".bin", ".idx"):
+        os.utime(prefix + ext, ns=(later, later))
+    capsys.readouterr()
+    second = build()
+    assert "is older than its data: rebuilt" in capsys.readouterr().out
+    assert {t for i in range(30) for t in second[i]["tokens"].tolist()} == {7, eod}
+    assert len(first.document_index) == 100 and len(second.document_index) == 150  # indices of the new documents
