@@ -154,6 +154,11 @@ def main(argv=None) -> int:
     else:
         print(tables(rows) + "\n\n" + state_table(rows))
     if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"no plot: {args.plot} needs matplotlib (pip install -e \".[eval]\"); the tables above are complete")
+            return 0
         (capacity_plot if args.capacity else plot)(rows, args.plot)
         print(f"wrote {args.plot}")
     return 0
