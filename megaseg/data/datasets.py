@@ -248,7 +248,9 @@ def build_train_valid_datasets(
     ensure_helpers()
     empty = _check_splits(prefixes, split, num_samples)
     mask_prefixes = parse_blend(loss_mask_data)[0] if loss_mask_data is not None else []
-    if _first_rank():
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:  # megatron-core builds on rank 0 first
         for stale in drop_stale_index_caches([*prefixes, *mask_prefixes], path_to_cache):
             print(f"dataset index cache {stale.name[: -len('-description.txt')]} in {stale.parent} is older than "
                   "its data: rebuilt", flush=True)
@@ -269,12 +271,6 @@ def build_train_valid_datasets(
         return GPTDatasets(*built)
     masks = _mask_datasets(prefixes, weights, loss_mask_data, config, empty, num_samples)
     return GPTDatasets(*(None if d is None else MaskedDataset(d, m) for d, m in zip(built, masks)))
-
-
-def _first_rank() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _gpt_config(prefixes, weights, tokenizer, seq_length, split, seed, path_to_cache, empty, *, eod_mask_loss,

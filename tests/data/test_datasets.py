@@ -145,15 +145,19 @@ def test_default_data_is_built_once_with_long_documents(tmp_path):
     assert train[0]["tokens"].shape == (512,)
 
 
-def _write_masks(prefix, documents, mask_of):
+def _write_tokens(prefix, documents, dtype=np.int32):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint8)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for doc in documents:
-        builder.add_document(torch.tensor([mask_of(t) for t in doc], dtype=torch.uint8), [len(doc)])
+        builder.add_document(torch.from_numpy(np.asarray(doc, dtype=dtype)), [len(doc)])
     builder.finalize(f"{prefix}.idx")
     return str(prefix)
+
+
+def _write_masks(prefix, documents, mask_of):
+    return _write_tokens(prefix, [[mask_of(t) for t in doc] for doc in documents], np.uint8)
 
 
 def test_a_loss_mask_dataset_keeps_the_loss_where_its_label_is_one(indexed, tokenizer, tmp_path):
@@ -186,17 +190,6 @@ def test_a_loss_mask_of_other_documents_is_refused(indexed, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="does not have the documents"):
         build_train_valid_datasets(prefixes["fwd"], tokenizer, seq_length=SEQ, num_samples=[5, 0, 0], split="1,0,0",
                                    seed=3, loss_mask_data=short)
-
-
-def _write_tokens(prefix, documents):
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for doc in documents:
-        builder.add_document(torch.tensor(doc, dtype=torch.int32), [len(doc)])
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
 
 
 @pytest.mark.parametrize("own_cache", [False, True])
