@@ -42,6 +42,9 @@ def state_table(rows: list[dict]) -> str:
     """Attention state (MiB) per mode and length, and its ratio to full attention's."""
     sets = [s for s in dict.fromkeys(r["data"] for r in rows) if s.isdigit()]
     full = {r["data"]: r["state_mib"] for r in rows if r["mode"] == "full" and r.get("state_mib") is not None}
+    for r in rows:  # lengths where full attention was not run: the state it would hold, counted
+        if r.get("full_state_mib") is not None and r["full_state_mib"] == r["full_state_mib"]:
+            full.setdefault(r["data"], r["full_state_mib"])
     by_arm = defaultdict(dict)
     for r in rows:
         if r["data"] in sets and r.get("state_mib") is not None:

@@ -58,11 +58,15 @@ FREEZE=(); [[ -n "${FREEZE_QK:-}" ]] && FREEZE=(--freeze-retrieval-qk)
 DOCS_A="${DOCS_A:-6000}"; DOCS="${DOCS:-20000}"; EVAL_DOCS="${EVAL_DOCS:-100}"
 LENGTHS="${LENGTHS:-512 1024 2048 4096 8192}"
 SHORT="${SHORT:-512 1024 2048}"    # StreamingLLM and Duo-style (slow at long lengths; the needle is outside their window anyway)
+# full attention on the same weights: its time grows with the square of the length (at 16384 tokens 11 of the 16
+# min its rows took on 2 CPU cores at 1x-16x) and it answered 0.00-0.06 from 4x on; FULL_LENGTHS="$LENGTHS" runs it
+# at every length. State ratios need no full-attention run: every row counts full attention's state
 if [[ -n "${QUICK:-}" ]]; then
   S0=128; S=32; M=8; R=16; T=256; ITERS_A=4; ITERS_C=4; ITERS_C2=3; ITERS_SPLIT=3; ITERS_ARMS=2; DOCS_A=200; DOCS=200
   DOCS_C2=200; EVAL_DOCS=4
   LENGTHS="256 512"; SHORT="256"; WARMUP=1
 fi
+FULL_LENGTHS="${FULL_LENGTHS:-$SHORT}"
 [[ -f "$TOK" ]] || python tools/prepare_default_data.py
 mkdir -p "$RUN"
 # LAYERS x KV_GROUPS KV groups: the one retrieval group (in layer 1) keeps a pool of every token,
@@ -159,13 +163,17 @@ python tools/make_recall_data.py "${DATA[@]}" --corpus "$EVAL_CORPUS" --output-p
 EVAL+=(--data "heldout${T}=$RUN/heldout_$T")
 SHORT_EVAL=()
 for L in $SHORT; do SHORT_EVAL+=(--data "${L}=$RUN/eval_$L"); done
-python tools/recall_eval.py "${CKPTS[@]}" --checkpoint full="$FULL" "${EVAL[@]}" \
-  --mode own --mode no_retrieval --mode full --mode "interleaved=$S:$M:$R:1:1" --documents "$EVAL_DOCS" \
-  --json "$RUN/recall.json"
+FULL_EVAL=()
+for L in $FULL_LENGTHS; do FULL_EVAL+=(--data "${L}=$RUN/eval_$L"); done
+python tools/recall_eval.py "${CKPTS[@]}" "${EVAL[@]}" \
+  --mode own --mode no_retrieval --mode "interleaved=$S:$M:$R:1:1" --documents "$EVAL_DOCS" --json "$RUN/recall.json"
 python tools/recall_eval.py --checkpoint full="$FULL" "${EVAL[@]}" --mode "misaligned=$S:$M:$R:@$EVAL_PLAN" \
   --documents "$EVAL_DOCS" --json "$RUN/recall_misaligned.json"
+python tools/recall_eval.py --checkpoint aligned="$ALIGNED" --checkpoint full="$FULL" "${FULL_EVAL[@]}" --mode full \
+  --documents "$EVAL_DOCS" --json "$RUN/recall_full.json"
 python tools/recall_eval.py --checkpoint aligned="$ALIGNED" --checkpoint full="$FULL" "${SHORT_EVAL[@]}" \
   --mode "streaming=4:$((S + M))" --mode "duo=4:$((S + M))" --documents "$EVAL_DOCS" --json "$RUN/recall_baselines.json"
 echo "recipe wall time: $SECONDS s"
-echo "wrote $RUN/recall.json, $RUN/recall_misaligned.json, $RUN/recall_baselines.json"
-echo "table and plot: python examples/recall/report.py $RUN/recall.json $RUN/recall_misaligned.json $RUN/recall_baselines.json"
+JSONS="$RUN/recall.json $RUN/recall_misaligned.json $RUN/recall_full.json $RUN/recall_baselines.json"
+echo "wrote $JSONS"
+echo "table and plot: python examples/recall/report.py $JSONS"

@@ -151,12 +151,21 @@ class RecallResult:
     # attention state (KV caches, tails, retrieved prefixes, pools) held between chunks when the
     # longest document streams through the mode, counted from the tensors (MiB)
     state_mib: float = float("nan")
+    # what full attention holds for the same document: K and V of every token in every KV group
+    # of every layer (MiB), so a mode's state has its ratio without running full attention
+    full_state_mib: float = float("nan")
     # answers outside reach per quarter of the document the needle's value starts in:
     # bin -> [correct, answers]
     depth_accuracy: dict[str, list[int]] = field(default_factory=dict)
     # answers whose span a retrieval head picked, per quarter of R the first picked span token
     # sits at among that head's picks in their original order (its RoPE position in the prefix)
     prefix_position_accuracy: dict[str, list[int]] = field(default_factory=dict)
+
+
+def full_attention_state_bytes(model, length: int) -> int:
+    """Bytes of the KV cache full attention holds after ``length`` tokens of one sequence."""
+    cfg = model.config
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * length * next(model.parameters()).element_size()
 
 
 QUARTERS = ("0-25%", "25-50%", "50-75%", "75-100%")
@@ -259,5 +268,5 @@ def recall_accuracy(model, mode: InferenceMode, documents: list[RecallDocument])
         hit_rate_per_head={h: per_head[h] / outside if outside else float("nan") for h in heads}, table=table,
         span_hit_rate=span_hits / outside if outside else float("nan"), span_table=span_table,
         needle_share=share_sum / share_n if share_n else float("nan"),
-        state_mib=state / MIB,
+        state_mib=state / MIB, full_state_mib=full_attention_state_bytes(model, length) / MIB,
         depth_accuracy=by_depth if outside else {}, prefix_position_accuracy=by_prefix if outside else {})

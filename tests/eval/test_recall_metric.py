@@ -148,6 +148,8 @@ def test_recall_eval_tool_runs_every_mode_and_writes_json(small_data, tmp_path):
     state = {r["mode"]: r["state_mib"] * 2**20 for r in rows}
     token = 2 * 8 * 4  # K and V of one token in one group
     assert state["full"] == 4 * 256 * token
+    # every row counts what full attention would hold: the full row's measured state
+    assert {r["full_state_mib"] for r in rows} == {state["full"] / 2**20}
     assert state["own"] == (256 + 16 + 2 * 16) * token
     assert state["no_retrieval"] == 3 * 16 * token
     assert state["streaming32"] < state["own"] < state["full"]

@@ -25,14 +25,19 @@ def test_the_smallest_recipe_runs_end_to_end(tmp_path, small_data):
     assert "split into 4 KV groups" in run.stdout and (tmp_path / "run" / "aligned_split").is_dir()
     rows = json.loads((tmp_path / "run" / "recall.json").read_text())
     arms = {(r["checkpoint"], r["mode"]) for r in rows}
-    assert {("aligned", "own"), ("aligned", "no_retrieval"), ("full", "full"), ("k0", "own"), ("m0", "own")} <= arms
+    assert {("aligned", "own"), ("aligned", "no_retrieval"), ("aligned", "interleaved"), ("k0", "own"),
+            ("m0", "own")} <= arms
+    assert not any("full" in arm for arm in arms)  # (a) and full attention: the files below
     misaligned = json.loads((tmp_path / "run" / "recall_misaligned.json").read_text())
     assert {(r["checkpoint"], r["mode"]) for r in misaligned} == {("full", "misaligned")}
+    full = json.loads((tmp_path / "run" / "recall_full.json").read_text())  # at the SHORT lengths only
+    assert {(r["checkpoint"], r["mode"], r["data"]) for r in full} == {("aligned", "full", "256"), ("full", "full", "256")}
     baselines = json.loads((tmp_path / "run" / "recall_baselines.json").read_text())
     assert {r["mode"] for r in baselines} == {"streaming40", "duo40"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
-    state = {(r["checkpoint"], r["mode"]): r["state_mib"] for r in rows if r["data"] == "512"}
+    state = {(r["checkpoint"], r["mode"]): r["state_mib"] for r in rows + full if r["data"] == "256"}
     assert 0 < state[("aligned", "no_retrieval")] < state[("aligned", "own")] < state[("aligned", "full")]
+    assert {r["full_state_mib"] for r in rows if r["data"] == "256"} == {state[("aligned", "full")]}
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan  # the calibrated head plan (b) that (c) trained with
 
@@ -81,3 +86,7 @@ def test_state_table_keeps_each_checkpoint_apart():
     assert "| aligned | own | 0.25 (0.250) |" in lines
     assert "| full | own | 0.00 (0.000) |" in lines
     assert len(lines) == 8
+    # a length full attention was not run at: the ratio is to the state it would hold, counted
+    lines = report.state_table([{"checkpoint": "aligned", "mode": "own", "data": "4096", "state_mib": 1.0,
+                                 "full_state_mib": 8.0}]).splitlines()
+    assert lines[-1] == "| aligned | own | 1.00 (0.125) |"
