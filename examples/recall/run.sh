@@ -12,7 +12,8 @@
 #   ARMS=1: also the training arms K = 0 (--tbptt-k 0) and M = 0 (--tail-length 0), each
 #       trained like (c) (or like (c') with SPLIT) for ITERS_ARMS steps, and evaluated the same way.
 #
-#   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) about 12 more (ARMS=1: + 2 x ITERS_ARMS steps)
+#   examples/recall/run.sh                  # RUN=runs/recall: training about 37 min on 2 CPU cores, (d) at most 12 more (ARMS=1: + 2 x ITERS_ARMS steps)
+#   FULL_LENGTHS="512 1024 2048 4096 8192" examples/recall/run.sh   # full attention at every length, not only the SHORT ones
 #   KV_GROUPS=2 PLAN=examples/recall/plan_2_groups.json examples/recall/run.sh   # the 2-KV-group run of docs/benchmarks/recall.md
 #   LAYERS=3 KV_GROUPS=2 examples/recall/run.sh   # other model shapes (also HEADS, HEAD_DIM): the variants of docs/benchmarks/recall.md
 #   SEED_C=7 LR_C=5e-4 MIN_LR_C=5e-5 examples/recall/run.sh   # (c) with another document order or learning rate

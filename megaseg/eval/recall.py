@@ -35,7 +35,8 @@ attention over the prefix), and a success outside the local reach shows which he
 
 Beside them, ``state_mib``: the attention state the mode holds (KV caches, tails, retrieved
 prefixes, pools) when the longest document streams through it chunk by chunk, as prefill
-and decode run it (`megaseg.eval.evaluator.run_sequence`). Full, StreamingLLM and Duo-style
+and decode run it (`megaseg.eval.evaluator.run_sequence`), and ``full_state_mib``: full
+attention's KV cache for the same document, counted. Full, StreamingLLM and Duo-style
 modes are scored from that streamed run too, which equals one forward over the document.
 """
 from __future__ import annotations
