@@ -194,6 +194,12 @@ def run(cfg: PretrainConfig) -> int:
     from megaseg.training.setup import check_batch_sizes, check_optimizer_settings
     from megaseg.training.trainer import pretrain
 
+    import torch
+
+    if not torch.cuda.is_available():  # CPU training: no page faults for every large tensor
+        from megaseg.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
     if cfg.context_parallel_size > 1:  # whole segments per rank: checked before the launch advice below

@@ -133,6 +133,10 @@ def main(argv=None) -> int:
     from megaseg.eval.recall import load_recall_documents, recall_accuracy
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not torch.cuda.is_available():
+        from megaseg.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     rows = []
     try:
         datasets = {name: load_recall_documents(prefix, limit=args.documents) for name, prefix in args.data}
